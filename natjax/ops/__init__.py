@@ -1,0 +1,1 @@
+"""Operators: one folder per op, one file per backend."""

@@ -1,0 +1,85 @@
+"""Dense reference neighborhood attention: the executable specification.
+
+Attention over *all* tokens with a boolean neighborhood mask and a dense bias built from the
+per-axis window rules in `spec.axis_windows`. It materialises `[batch, heads, N, N]` logits, so it
+is only for tests and tiny inputs; gradients come from plain JAX autodiff.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from natjax.ops.na.spec import NAParams, axis_windows
+
+
+def _axis_dense(length: int, kernel_size: int, dilation: int, causal: bool):
+    """Returns `[L, L]` (allowed, rpb_index) matrices for one axis."""
+    win = axis_windows(length, kernel_size, dilation, causal)
+    allowed = np.zeros((length, length), bool)
+    rel = np.zeros((length, length), np.int32)
+    rows = np.repeat(np.arange(length)[:, None], kernel_size, axis=1)
+    allowed[rows[win.valid], win.key[win.valid]] = True
+    rel[rows[win.valid], win.key[win.valid]] = win.rpb_index[win.valid]
+    return allowed, rel
+
+
+def dense_mask_and_bias_index(spatial: tuple[int, ...], params: NAParams):
+    """Builds the dense `[N, N]` mask and per-axis bias-index grids.
+
+    Returns:
+      (mask `[N, N]` bool, tuple of per-axis int index arrays broadcastable to `[*S, *S]`).
+    """
+    ndim = len(spatial)
+    per_axis = [
+        _axis_dense(n, k, d, c)
+        for n, k, d, c in zip(
+            spatial, params.kernel_size, params.dilation, params.is_causal, strict=True
+        )
+    ]
+    mask = np.ones((1,) * (2 * ndim), bool)
+    index = []
+    for ax, (allowed, rel) in enumerate(per_axis):
+        shape = [1] * (2 * ndim)
+        shape[ax] = spatial[ax]
+        shape[ndim + ax] = spatial[ax]
+        mask = mask & allowed.reshape(shape)
+        index.append(rel.reshape(shape))
+    n = math.prod(spatial)
+    return np.broadcast_to(mask, spatial + spatial).reshape(n, n), tuple(index)
+
+
+def na_reference(q, k, v, rpb, params: NAParams):
+    """Dense masked attention with NATTEN semantics.
+
+    Args:
+      q, k, v: `[batch, *spatial, heads, head_dim]`.
+      rpb: `[heads, *(2 * kernel_size - 1)]` or None.
+      params: validated window arguments.
+
+    Returns:
+      (out `[batch, *spatial, heads, head_dim]` in q's dtype,
+       lse `[batch, *spatial, heads]` float32, or float64 for float64 inputs).
+    """
+    batch, *spatial, heads, head_dim = q.shape
+    spatial = tuple(spatial)
+    n = math.prod(spatial)
+    compute = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    mask, index = dense_mask_and_bias_index(spatial, params)
+    qf = q.reshape(batch, n, heads, head_dim).astype(compute)
+    kf = k.reshape(batch, n, heads, head_dim).astype(compute)
+    vf = v.reshape(batch, n, heads, head_dim).astype(compute)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", qf * params.scale, kf)
+    if rpb is not None:
+        bias = rpb.astype(compute)[(slice(None),) + index]  # [heads, *S, *S]
+        logits = logits + bias.reshape(heads, n, n)[None]
+    logits = jnp.where(mask[None, None], logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [b, h, q]
+    probs = jnp.exp(logits - lse[..., None])
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, vf)
+    out = out.reshape(batch, *spatial, heads, head_dim).astype(q.dtype)
+    lse = jnp.moveaxis(lse, 1, -1).reshape(batch, *spatial, heads)
+    return out, lse

@@ -1,0 +1,340 @@
+"""Portable neighborhood attention in plain XLA, with a hand-written custom VJP.
+
+Layout and plan (all index structure is static numpy, computed at trace time):
+
+1. Inputs `[B, *S, h, D]` are moved to `[B, h, *S, D]`.
+2. Dilation is removed exactly: along an axis with dilation `d`, positions with equal `i % d` form an
+   independent sub-map (NATTEN's dilation groups), so the axis is reshaped to `[rows, d]`, the group
+   axis folded into the batch, and each group runs with dilation 1. Groups of unequal length
+   (`L % d != 0`) form two classes that run as separate calls (`_DilationSplit`).
+3. With dilation 1, every axis but the last is handled by a static loop over kernel offsets: the
+   shifted keys for offset `a` are `k[window_start(i) + a]`, which is a few static slices and
+   broadcasts (`StaticTake`), never a gather.
+4. The last axis is blocked into tiles of `T` queries whose keys lie in a `T + K - 1` halo; one
+   batched matmul per tile gives `[T, T + K - 1]` scores, and a pad/reshape "skew" extracts the
+   `[T, K]` band (`LastAxisBand`). Border queries, whose windows NATTEN shifts inwards, are
+   recomputed exactly with a small dense product.
+5. Logits `[B, h, *S, kernel_volume]` are the largest array; nothing `N x N` and no per-query copies
+   of keys or values are ever built. The bias `rpb[h, (key-query)/d + K - 1]` is a product of
+   per-axis one-hot matrices, so both it and its gradient are small matmuls, not gathers/scatters.
+
+The backward pass is written out (flash-attention style, recomputing probabilities from the saved
+log-sum-exp). It uses the same offsets in reverse: the "inverse neighborhood" of each key is the
+transpose of the static slices (pads and adds) and of the band matmul, never a scatter-add.
+Residuals are only `q, k, v, rpb, out, lse`.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from natjax.ops.na.spec import NAParams, axis_windows
+from natjax.ops.na.xla_blocks import LastAxisBand, StaticTake
+
+# --------------------------------------------------------------------------------------------
+# Dilation groups.
+# --------------------------------------------------------------------------------------------
+
+
+class _DilationSplit:
+    """Splits spatial axes into dilation groups folded into the batch, and merges them back.
+
+    Arrays have layout `[batch, heads, *spatial, *trailing]`. After `split`, every piece has
+    dilation 1 on every axis; pieces are ordered so that `merge` can rebuild the original array.
+    """
+
+    def __init__(self, spatial: tuple[int, ...], dilation: tuple[int, ...]):
+        self.spatial = spatial
+        self.dilation = dilation
+
+    def _classes(self, axis: int):
+        """(rows, group slice) per class of equal-length groups along `axis`."""
+        length, d = self.spatial[axis], self.dilation[axis]
+        m, r = divmod(length, d)
+        if r == 0:
+            return [(m, slice(0, d))]
+        return [(m + 1, slice(0, r)), (m, slice(r, d))]
+
+    def split(self, x: jax.Array) -> list[jax.Array]:
+        pieces = [x]
+        for axis, d in enumerate(self.dilation):
+            if d == 1:
+                continue
+            pieces = [p for parent in pieces for p in self._split_axis(parent, axis)]
+        return pieces
+
+    def _split_axis(self, x, axis):
+        ax = 2 + axis
+        length, d = self.spatial[axis], self.dilation[axis]
+        rows = -(-length // d)
+        pad = [(0, 0)] * x.ndim
+        pad[ax] = (0, rows * d - length)
+        x = jnp.pad(x, pad).reshape(x.shape[:ax] + (rows, d) + x.shape[ax + 1 :])
+        out = []
+        for n_rows, groups in self._classes(axis):
+            p = jax.lax.slice_in_dim(x, 0, n_rows, axis=ax)
+            p = jax.lax.slice_in_dim(p, groups.start, groups.stop, axis=ax + 1)
+            p = jnp.moveaxis(p, ax + 1, 0)  # [g, B, ...]
+            out.append(p.reshape((-1,) + p.shape[2:]))
+        return out
+
+    def merge(self, pieces: list[jax.Array]) -> jax.Array:
+        for axis in reversed(range(len(self.dilation))):
+            if self.dilation[axis] == 1:
+                continue
+            n = len(self._classes(axis))
+            pieces = [
+                self._merge_axis(pieces[i : i + n], axis) for i in range(0, len(pieces), n)
+            ]
+        (x,) = pieces
+        return x
+
+    def _merge_axis(self, pieces, axis):
+        ax = 2 + axis
+        length, d = self.spatial[axis], self.dilation[axis]
+        rows = -(-length // d)
+        parts = []
+        for p, (n_rows, groups) in zip(pieces, self._classes(axis), strict=True):
+            g = groups.stop - groups.start
+            p = p.reshape((g, p.shape[0] // g) + p.shape[1:])
+            p = jnp.moveaxis(p, 0, ax + 1)  # [B, ..., n_rows, g, ...]
+            pad = [(0, 0)] * p.ndim
+            pad[ax] = (0, rows - n_rows)
+            parts.append(jnp.pad(p, pad))
+        x = jnp.concatenate(parts, axis=ax + 1)
+        x = x.reshape(x.shape[:ax] + (rows * d,) + x.shape[ax + 2 :])
+        return jax.lax.slice_in_dim(x, 0, length, axis=ax)
+
+
+# --------------------------------------------------------------------------------------------
+# Dilation-1 core on [B, h, *S, D].
+# --------------------------------------------------------------------------------------------
+
+
+class _Core:
+    """Static structure of neighborhood attention with dilation 1 on a `[B, h, *S, D]` map."""
+
+    def __init__(self, spatial: tuple[int, ...], kernel_size, is_causal):
+        self.spatial = spatial
+        self.kernel_size = kernel_size
+        ndim = len(spatial)
+        wins = [
+            axis_windows(n, k, 1, c)
+            for n, k, c in zip(spatial, kernel_size, is_causal, strict=True)
+        ]
+        # Outer axes: one static take per kernel offset.
+        self.outer_takes = [
+            [StaticTake(2 + ax, np.where(w.valid[:, a], w.key[:, a], -1)) for a in range(k)]
+            for ax, (w, k) in enumerate(zip(wins[:-1], kernel_size[:-1], strict=True))
+        ]
+        self.outer_offsets = list(itertools.product(*[range(k) for k in kernel_size[:-1]]))
+        self.band = LastAxisBand(spatial[-1], kernel_size[-1], is_causal[-1])
+        # Validity mask [*S, KV] (only causal axes can invalidate offsets).
+        if any(is_causal):
+            valid = np.ones((1,) * (2 * ndim), bool)
+            for ax, w in enumerate(wins):
+                shape = [1] * (2 * ndim)
+                shape[ax] = spatial[ax]
+                shape[ndim + ax] = kernel_size[ax]
+                valid = valid & w.valid.reshape(shape)
+            shape = spatial + (math.prod(kernel_size),)
+            self.mask = np.broadcast_to(valid, spatial + tuple(kernel_size)).reshape(shape)
+        else:
+            self.mask = None
+        # One-hot bias selectors E_ax[i, a, u] = [rpb_index(i, a) == u] (separable bias).
+        self.onehots = [
+            (w.rpb_index[:, :, None] == np.arange(2 * k - 1)).astype(np.float32)
+            for w, k in zip(wins, kernel_size, strict=True)
+        ]
+        letters = "uvw"[:ndim]
+        pos = "xyz"[:ndim]
+        offs = "abc"[:ndim]
+        factors = ",".join(f"{pos[i]}{offs[i]}{letters[i]}" for i in range(ndim))
+        self._bias_eq = f"h{letters},{factors}->h{pos}{offs}"
+        self._dbias_eq = f"h{pos}{offs},{factors}->h{letters}"
+
+    # -- helpers over the offset loop ------------------------------------------------------
+
+    def _shifted(self, x):
+        """Yields `x` shifted along the outer axes for every outer offset tuple, in KV order."""
+        if not self.outer_takes:
+            yield x
+            return
+        cache = {(): x}
+        for offs in self.outer_offsets:
+            for depth in range(1, len(offs) + 1):
+                key = offs[:depth]
+                if key not in cache:
+                    cache[key] = self.outer_takes[depth - 1][offs[depth - 1]](cache[key[:-1]])
+            yield cache[offs]
+
+    def _unshift(self, x, offs, shape, dtype):
+        """Transpose of `_shifted` for one offset tuple (pads and adds, no scatter)."""
+        for depth in reversed(range(len(offs))):
+            x = self.outer_takes[depth][offs[depth]].transpose(x, shape, dtype)
+        return x
+
+    def _split_kv(self, x):
+        """`[..., KV]` -> list over outer offsets of `[..., K_last]` views."""
+        k_last = self.kernel_size[-1]
+        return [x[..., i * k_last : (i + 1) * k_last] for i in range(len(self.outer_offsets))]
+
+    def qk(self, a, b):
+        """scores[..., i, o] = a[i] . b[key(i, o)], `[B, h, *S, KV]`."""
+        parts = [self.band.qk(a, bs) for bs in self._shifted(b)]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+
+    def av(self, p, v):
+        """out[i] = sum_o p[i, o] v[key(i, o)]."""
+        out = None
+        for po, vs in zip(self._split_kv(p), self._shifted(v), strict=True):
+            term = self.band.av(po, vs)
+            out = term if out is None else out + term
+        return out
+
+    def av_t(self, p, a):
+        """out[j] = sum over (i, o) with key(i, o) = j of p[i, o] a[i] (inverse neighborhood)."""
+        out = None
+        for po, offs in zip(self._split_kv(p), self.outer_offsets, strict=True):
+            term = self._unshift(self.band.av_t(po, a), offs, a.shape, a.dtype)
+            out = term if out is None else out + term
+        return out
+
+    def bias(self, rpb):
+        """`[h, *S, KV]` bias from `rpb[h, *(2K-1)]` (a product of one-hot matrices)."""
+        b = jnp.einsum(self._bias_eq, rpb, *[e.astype(rpb.dtype) for e in self.onehots])
+        return b.reshape(b.shape[: 1 + len(self.spatial)] + (-1,))
+
+    def dbias(self, ds_sum, dtype):
+        """Gradient of `bias` for a `[h, *S, KV]` cotangent."""
+        ds = ds_sum.reshape(ds_sum.shape[:-1] + tuple(self.kernel_size))
+        return jnp.einsum(self._dbias_eq, ds, *[e.astype(dtype) for e in self.onehots])
+
+    def logits(self, q_scaled, k, rpb):
+        s = self.qk(q_scaled, k)
+        if rpb is not None:
+            s = s + self.bias(rpb)[None]
+        if self.mask is not None:
+            s = jnp.where(self.mask, s, -jnp.inf)
+        return s
+
+    def forward(self, q, k, v, rpb, scale):
+        s = self.logits(q * scale, k, rpb)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        e = jnp.exp(s - m)
+        denom = jnp.sum(e, axis=-1, keepdims=True)
+        out = self.av(e / denom, v)
+        lse = (m + jnp.log(denom))[..., 0]
+        return out, lse
+
+    def backward(self, q, k, v, rpb, out, lse, d_out, d_lse, scale):
+        p = jnp.exp(self.logits(q * scale, k, rpb) - lse[..., None])
+        dp = self.qk(d_out, v)
+        delta = jnp.sum(d_out * out, axis=-1)
+        ds = p * (dp - (delta - d_lse)[..., None])
+        dq = self.av(ds, k) * scale
+        dk = self.av_t(ds, q * scale)
+        dv = self.av_t(p, d_out)
+        drpb = None if rpb is None else self.dbias(jnp.sum(ds, axis=0), ds.dtype)
+        return dq, dk, dv, drpb
+
+
+# --------------------------------------------------------------------------------------------
+# Full op: layout, dilation groups, custom VJP.
+# --------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def _to_bh(x):
+    """[B, *S, h, ...] -> [B, h, *S, ...] for the (ndim + 3)-rank inputs."""
+    return jnp.moveaxis(x, -2, 1)
+
+
+def _from_bh(x):
+    return jnp.moveaxis(x, 1, -2)
+
+
+@functools.lru_cache(maxsize=256)
+def _core(spatial: tuple[int, ...], kernel_size, is_causal) -> _Core:
+    """Static structure per (dilation-free) piece shape; cached across traces."""
+    return _Core(spatial, kernel_size, is_causal)
+
+
+def _piece_core(piece, params: NAParams) -> _Core:
+    return _core(tuple(piece.shape[2:-1]), params.kernel_size, params.is_causal)
+
+
+def _forward(q, k, v, rpb, params: NAParams):
+    spatial = tuple(q.shape[1:-2])
+    ct = _compute_dtype(q.dtype)
+    split = _DilationSplit(spatial, params.dilation)
+    rpb_c = None if rpb is None else rpb.astype(ct)
+    qs, ks, vs = (split.split(_to_bh(x).astype(ct)) for x in (q, k, v))
+    outs, lses = [], []
+    for qp, kp, vp in zip(qs, ks, vs, strict=True):
+        o, lse = _piece_core(qp, params).forward(qp, kp, vp, rpb_c, params.scale)
+        outs.append(o)
+        lses.append(lse)
+    out = _from_bh(split.merge(outs)).astype(q.dtype)
+    lse = jnp.moveaxis(split.merge(lses), 1, -1)
+    return out, lse
+
+
+def _backward(params: NAParams, res, cts):
+    q, k, v, rpb, out, lse = res
+    d_out, d_lse = cts
+    spatial = tuple(q.shape[1:-2])
+    ct = _compute_dtype(q.dtype)
+    split = _DilationSplit(spatial, params.dilation)
+    rpb_c = None if rpb is None else rpb.astype(ct)
+    pieces = [
+        split.split(_to_bh(x).astype(ct)) for x in (q, k, v, out, d_out)
+    ] + [split.split(jnp.moveaxis(x.astype(ct), -1, 1)) for x in (lse, d_lse)]
+    grads = [[], [], []]
+    drpb = None
+    for qp, kp, vp, op, dop, lp, dlp in zip(*pieces, strict=True):
+        dq, dk, dv, dr = _piece_core(qp, params).backward(qp, kp, vp, rpb_c, op, lp, dop, dlp, params.scale)
+        for acc, g in zip(grads, (dq, dk, dv), strict=True):
+            acc.append(g)
+        if dr is not None:
+            drpb = dr if drpb is None else drpb + dr
+    dq, dk, dv = (_from_bh(split.merge(g)).astype(q.dtype) for g in grads)
+    if rpb is not None:
+        drpb = drpb.astype(rpb.dtype)
+    return dq, dk, dv, drpb
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _na(q, k, v, rpb, params):
+    return _forward(q, k, v, rpb, params)
+
+
+def _na_fwd(q, k, v, rpb, params):
+    out, lse = _forward(q, k, v, rpb, params)
+    return (out, lse), (q, k, v, rpb, out, lse)
+
+
+_na.defvjp(_na_fwd, _backward)
+
+
+def na_xla(q, k, v, rpb, params: NAParams):
+    """Neighborhood attention via XLA ops with a custom VJP.
+
+    Args:
+      q, k, v: `[batch, *spatial, heads, head_dim]`.
+      rpb: `[heads, *(2K-1)]` or None.
+      params: validated window arguments.
+
+    Returns:
+      (out in q's dtype, lse `[batch, *spatial, heads]` float32).
+    """
+    return _na(q, k, v, rpb, params)

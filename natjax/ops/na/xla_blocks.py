@@ -1,0 +1,191 @@
+"""Gather-free building blocks of the XLA neighborhood-attention path.
+
+* `StaticTake`: `x[idx]` along one axis for a static index vector, lowered to slices, broadcasts
+  and zeros (runs of consecutive / repeated indices). Its transpose is pads and adds.
+* `LastAxisBand`: the three banded products along the last spatial axis, for dilation 1:
+    qk:   s[i, o]  = a[i] . b[key(i, o)]
+    av:   y[i]     = sum_o p[i, o] b[key(i, o)]
+    av_t: y[j]     = sum_{(i, o): key(i, o) = j} p[i, o] a[i]     (transpose of `av`)
+  computed with tile matmuls over `T` queries and their `T + K - 1` key halo, plus an exact
+  correction for the border queries whose windows NATTEN shifts inwards.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class StaticTake:
+    """`x[idx]` along `axis` for a static int vector `idx` (-1 selects zeros), without gathers.
+
+    Args:
+      axis: array axis to index.
+      idx: 1-D int numpy array; output length is `len(idx)`.
+    """
+
+    def __init__(self, axis: int, idx: np.ndarray):
+        self.axis = axis
+        self.length = len(idx)
+        # Decompose into runs: ("slice", start, n), ("repeat", index, n) or ("zero", n).
+        runs: list[tuple] = []
+        i = 0
+        while i < len(idx):
+            j = i + 1
+            if idx[i] < 0:
+                while j < len(idx) and idx[j] < 0:
+                    j += 1
+                runs.append(("zero", 0, j - i))
+            elif j < len(idx) and idx[j] == idx[i]:
+                while j < len(idx) and idx[j] == idx[i]:
+                    j += 1
+                runs.append(("repeat", int(idx[i]), j - i))
+            else:
+                while j < len(idx) and idx[j] == idx[j - 1] + 1 and idx[j - 1] >= 0:
+                    j += 1
+                runs.append(("slice", int(idx[i]), j - i))
+            i = j
+        self.runs = runs
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        parts = []
+        for kind, start, n in self.runs:
+            if kind == "slice":
+                parts.append(jax.lax.slice_in_dim(x, start, start + n, axis=self.axis))
+            else:
+                shape = list(x.shape)
+                shape[self.axis] = n
+                if kind == "zero":
+                    parts.append(jnp.zeros(shape, x.dtype))
+                else:
+                    row = jax.lax.slice_in_dim(x, start, start + 1, axis=self.axis)
+                    parts.append(jnp.broadcast_to(row, shape))
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=self.axis)
+
+    def transpose(self, ct: jax.Array, shape, dtype) -> jax.Array:
+        """Adjoint of `__call__` (sums repeated rows, drops zero rows): pads, slices, adds."""
+        (x,) = jax.linear_transpose(self.__call__, jax.ShapeDtypeStruct(shape, dtype))(ct)
+        return x
+
+
+def default_tile(length: int, kernel_size: int) -> int:
+    """Queries per tile along the last axis: >= K - 1 (halo overlap), ~16 amortises the halo."""
+    return max(kernel_size, min(16, length))
+
+
+class LastAxisBand:
+    """Banded products along the last spatial axis (array axis -2, features last), dilation 1.
+
+    Args:
+      length: axis length `L`.
+      kernel_size: window `K` (`K <= L`).
+      causal: causal window (keys `i - K + 1 .. i`) instead of NATTEN's shifted centred window.
+      tile: queries per tile `T` (default `default_tile`).
+    """
+
+    def __init__(self, length: int, kernel_size: int, causal: bool, tile: int | None = None):
+        self.L, self.K, self.causal = length, kernel_size, causal
+        self.T = tile or default_tile(length, kernel_size)
+        if self.T < kernel_size - 1:
+            raise ValueError(f"tile {self.T} must be >= kernel_size - 1 = {kernel_size - 1}")
+        self.nb = -(-length // self.T)
+        # Centred window: key(i, o) = i - c0 + o inside the map's interior.
+        self.c0 = kernel_size - 1 if causal else kernel_size // 2
+        # Non-causal borders: the first/last K // 2 queries use the window of query K // 2.
+        self.border = 0 if causal else kernel_size // 2
+
+    # -- layout helpers -------------------------------------------------------------------
+
+    def _pad_axis(self, x, lo, hi, axis=-2):
+        pad = [(0, 0)] * x.ndim
+        pad[axis % x.ndim] = (lo, hi)
+        return jnp.pad(x, pad)
+
+    def _tiles(self, x):
+        """`[..., L, F]` -> `[..., nb, T, F]` (zero padded)."""
+        x = self._pad_axis(x, 0, self.nb * self.T - self.L)
+        return x.reshape(x.shape[:-2] + (self.nb, self.T, x.shape[-1]))
+
+    def _halo_tiles(self, x):
+        """`[..., L, F]` -> `[..., nb, T + K - 1, F]`: tile t holds keys `tT - c0 ...`."""
+        n, T, K = self.nb, self.T, self.K
+        total = (n + 1) * T
+        x = self._pad_axis(x, self.c0, total - self.c0 - self.L)
+        main = x[..., : n * T, :].reshape(x.shape[:-2] + (n, T, x.shape[-1]))
+        tail = x[..., T : T + n * T, :].reshape(x.shape[:-2] + (n, T, x.shape[-1]))
+        return jnp.concatenate([main, tail[..., : K - 1, :]], axis=-2)
+
+    def _overlap_add(self, h):
+        """Adjoint of `_halo_tiles`: `[..., nb, T + K - 1, F]` -> `[..., L, F]`."""
+        n, T, K = self.nb, self.T, self.K
+        lead, feat = h.shape[:-3], h.shape[-1]
+        main = h[..., :T, :].reshape(lead + (n * T, feat))
+        tail = self._pad_axis(h[..., T:, :], 0, T - (K - 1)).reshape(lead + (n * T, feat))
+        full = self._pad_axis(main, 0, T) + self._pad_axis(tail, T, 0)
+        return full[..., self.c0 : self.c0 + self.L, :]
+
+    def _skew(self, m):
+        """`[..., T, T + K - 1]` -> `[..., T, K]` with `out[i, o] = m[i, i + o]`."""
+        T, K = self.T, self.K
+        flat = m.reshape(m.shape[:-2] + (T * (T + K - 1),))
+        flat = self._pad_axis(flat, 0, T, axis=-1)
+        return flat.reshape(m.shape[:-2] + (T, T + K))[..., :K]
+
+    def _unskew(self, p):
+        """Adjoint of `_skew`: `[..., T, K]` -> `[..., T, T + K - 1]` with zeros off the band."""
+        T, K = self.T, self.K
+        p = self._pad_axis(p, 0, T, axis=-1)
+        flat = p.reshape(p.shape[:-2] + (T * (T + K),))[..., : T * (T + K - 1)]
+        return flat.reshape(p.shape[:-2] + (T, T + K - 1))
+
+    def _untile(self, x):
+        """`[..., nb, T, F]` -> `[..., L, F]`."""
+        x = x.reshape(x.shape[:-3] + (self.nb * self.T, x.shape[-1]))
+        return x[..., : self.L, :]
+
+    def _with_borders(self, interior, left, right):
+        """Replaces the first/last `border` rows of `interior` (axis -2)."""
+        bd, L = self.border, self.L
+        return jnp.concatenate([left, interior[..., bd : L - bd, :], right], axis=-2)
+
+    # -- the three products --------------------------------------------------------------
+
+    def qk(self, a, b):
+        """`[..., L, F] x [..., L, F] -> [..., L, K]`: s[i, o] = a[i] . b[key(i, o)]."""
+        m = jnp.einsum("...td,...sd->...ts", self._tiles(a), self._halo_tiles(b))
+        s = self._skew(m)
+        s = s.reshape(s.shape[:-3] + (self.nb * self.T, self.K))[..., : self.L, :]
+        if not self.border:
+            return s
+        bd, L, K = self.border, self.L, self.K
+        left = jnp.einsum("...xd,...od->...xo", a[..., :bd, :], b[..., :K, :])
+        right = jnp.einsum("...xd,...od->...xo", a[..., L - bd :, :], b[..., L - K :, :])
+        return self._with_borders(s, left, right)
+
+    def av(self, p, b):
+        """`[..., L, K] x [..., L, F] -> [..., L, F]`: y[i] = sum_o p[i, o] b[key(i, o)]."""
+        y = jnp.einsum("...ts,...sd->...td", self._unskew(self._tiles(p)), self._halo_tiles(b))
+        y = self._untile(y)
+        if not self.border:
+            return y
+        bd, L, K = self.border, self.L, self.K
+        left = jnp.einsum("...xo,...od->...xd", p[..., :bd, :], b[..., :K, :])
+        right = jnp.einsum("...xo,...od->...xd", p[..., L - bd :, :], b[..., L - K :, :])
+        return self._with_borders(y, left, right)
+
+    def av_t(self, p, a):
+        """`[..., L, K] x [..., L, F] -> [..., L, F]`: the transpose of `av` in its second
+        argument, y[j] = sum over (i, o) with key(i, o) = j of p[i, o] a[i]."""
+        bd, L, K = self.border, self.L, self.K
+        p_int = p
+        if bd:
+            zeros = jnp.zeros(p.shape[:-2] + (bd, K), p.dtype)
+            p_int = self._with_borders(p, zeros, zeros)
+        h = jnp.einsum("...ts,...td->...sd", self._unskew(self._tiles(p_int)), self._tiles(a))
+        y = self._overlap_add(h)
+        if not bd:
+            return y
+        left = jnp.einsum("...xo,...xd->...od", p[..., :bd, :], a[..., :bd, :])
+        right = jnp.einsum("...xo,...xd->...od", p[..., L - bd :, :], a[..., L - bd :, :])
+        return y + self._pad_axis(left, 0, L - K) + self._pad_axis(right, L - K, 0)
