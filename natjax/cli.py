@@ -10,9 +10,7 @@ import argparse
 import importlib
 import sys
 
-_COMMAND_MODULES = (
-    "natjax.demo",
-)
+_COMMAND_MODULES = ("natjax.demo",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -89,9 +89,8 @@ def _check_inputs(ndim: int, query, key, value, rpb) -> None:
         )
     if 0 in query.shape:
         raise ValueError(f"{name}: inputs must not have empty axes, got {tuple(query.shape)}.")
-    if rpb is not None:
-        if not hasattr(rpb, "dtype") or rpb.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name}: `rpb` must be a float array or None.")
+    if rpb is not None and (not hasattr(rpb, "dtype") or rpb.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"{name}: `rpb` must be a float array or None.")
 
 
 def _neighborhood_attention(
@@ -99,9 +98,7 @@ def _neighborhood_attention(
 ):
     _check_inputs(ndim, query, key, value, rpb)
     _, *spatial, heads, head_dim = query.shape
-    params = make_params(
-        ndim, tuple(spatial), head_dim, kernel_size, dilation, is_causal, scale
-    )
+    params = make_params(ndim, tuple(spatial), head_dim, kernel_size, dilation, is_causal, scale)
     if rpb is not None:
         want = (heads, *params.rpb_shape_tail)
         if tuple(rpb.shape) != want:
@@ -117,7 +114,10 @@ def _neighborhood_attention(
             f"{', '.join(repr(n) for n in IMPLEMENTATIONS)}."
         )
     elif impl == "pallas":
-        reason = _unsupported_reason("pallas", query, params, rpb is not None)
+        try:
+            reason = _unsupported_reason("pallas", query, params, rpb is not None)
+        except ImportError as err:
+            reason = f"Pallas is unavailable in this installation ({err})"
         if reason is not None:
             raise ValueError(f"na{ndim}d: implementation='pallas' cannot run this call: {reason}")
     out, lse = _backend(impl)(query, key, value, rpb, params)

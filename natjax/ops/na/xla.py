@@ -3,9 +3,9 @@
 Layout and plan (all index structure is static numpy, computed at trace time):
 
 1. Inputs `[B, *S, h, D]` are moved to `[B, h, *S, D]`.
-2. Dilation is removed exactly: along an axis with dilation `d`, positions with equal `i % d` form an
-   independent sub-map (NATTEN's dilation groups), so the axis is reshaped to `[rows, d]`, the group
-   axis folded into the batch, and each group runs with dilation 1. Groups of unequal length
+2. Dilation is removed exactly: along an axis with dilation `d`, positions with equal `i % d` form
+   an independent sub-map (NATTEN's dilation groups), so the axis is reshaped to `[rows, d]`, the
+   group axis folded into the batch, and each group runs with dilation 1. Groups of unequal length
    (`L % d != 0`) form two classes that run as separate calls (`_DilationSplit`).
 3. With dilation 1, every axis but the last is handled by a static loop over kernel offsets: the
    shifted keys for offset `a` are `k[window_start(i) + a]`, which is a few static slices and
@@ -89,9 +89,7 @@ class _DilationSplit:
             if self.dilation[axis] == 1:
                 continue
             n = len(self._classes(axis))
-            pieces = [
-                self._merge_axis(pieces[i : i + n], axis) for i in range(0, len(pieces), n)
-            ]
+            pieces = [self._merge_axis(pieces[i : i + n], axis) for i in range(0, len(pieces), n)]
         (x,) = pieces
         return x
 
@@ -134,7 +132,9 @@ class _Core:
             for ax, (w, k) in enumerate(zip(wins[:-1], kernel_size[:-1], strict=True))
         ]
         self.outer_offsets = list(itertools.product(*[range(k) for k in kernel_size[:-1]]))
-        self.band = LastAxisBand(spatial[-1], kernel_size[-1], is_causal[-1])
+        self.band = LastAxisBand(
+            spatial[-1], kernel_size[-1], is_causal[-1], math.prod(kernel_size)
+        )
         # Validity mask [*S, KV] (only causal axes can invalidate offsets).
         if any(is_causal):
             valid = np.ones((1,) * (2 * ndim), bool)
@@ -296,13 +296,15 @@ def _backward(params: NAParams, res, cts):
     ct = _compute_dtype(q.dtype)
     split = _DilationSplit(spatial, params.dilation)
     rpb_c = None if rpb is None else rpb.astype(ct)
-    pieces = [
-        split.split(_to_bh(x).astype(ct)) for x in (q, k, v, out, d_out)
-    ] + [split.split(jnp.moveaxis(x.astype(ct), -1, 1)) for x in (lse, d_lse)]
+    pieces = [split.split(_to_bh(x).astype(ct)) for x in (q, k, v, out, d_out)] + [
+        split.split(jnp.moveaxis(x.astype(ct), -1, 1)) for x in (lse, d_lse)
+    ]
     grads = [[], [], []]
     drpb = None
     for qp, kp, vp, op, dop, lp, dlp in zip(*pieces, strict=True):
-        dq, dk, dv, dr = _piece_core(qp, params).backward(qp, kp, vp, rpb_c, op, lp, dop, dlp, params.scale)
+        dq, dk, dv, dr = _piece_core(qp, params).backward(
+            qp, kp, vp, rpb_c, op, lp, dop, dlp, params.scale
+        )
         for acc, g in zip(grads, (dq, dk, dv), strict=True):
             acc.append(g)
         if dr is not None:

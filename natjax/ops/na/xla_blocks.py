@@ -69,9 +69,16 @@ class StaticTake:
         return x
 
 
-def default_tile(length: int, kernel_size: int) -> int:
-    """Queries per tile along the last axis: >= K - 1 (halo overlap), ~16 amortises the halo."""
-    return max(kernel_size, min(16, length))
+def default_tile(length: int, kernel_size: int, kernel_volume: int) -> int:
+    """Queries per tile `T` along the last axis.
+
+    A tile's score block is `[T, T + K - 1]`; ~16 queries amortise the halo, but the blocks must
+    not outgrow the `[.., kernel_volume]` logits (the op's memory contract), and `T >= K - 1` so
+    that only neighbouring tiles' halos overlap. For 1-D that leaves `T = K - 1`: blocks are then
+    `2K - 2` wide, under twice the logits.
+    """
+    tile = min(16, length, kernel_volume - kernel_size + 1)
+    return max(tile, kernel_size - 1, 1)
 
 
 class LastAxisBand:
@@ -81,13 +88,21 @@ class LastAxisBand:
       length: axis length `L`.
       kernel_size: window `K` (`K <= L`).
       causal: causal window (keys `i - K + 1 .. i`) instead of NATTEN's shifted centred window.
+      kernel_volume: product of the kernel sizes of all axes (bounds the tile size).
       tile: queries per tile `T` (default `default_tile`).
     """
 
-    def __init__(self, length: int, kernel_size: int, causal: bool, tile: int | None = None):
+    def __init__(
+        self,
+        length: int,
+        kernel_size: int,
+        causal: bool,
+        kernel_volume: int | None = None,
+        tile: int | None = None,
+    ):
         self.L, self.K, self.causal = length, kernel_size, causal
-        self.T = tile or default_tile(length, kernel_size)
-        if self.T < kernel_size - 1:
+        self.T = tile or default_tile(length, kernel_size, kernel_volume or kernel_size)
+        if kernel_size - 1 > self.T:
             raise ValueError(f"tile {self.T} must be >= kernel_size - 1 = {kernel_size - 1}")
         self.nb = -(-length // self.T)
         # Centred window: key(i, o) = i - c0 + o inside the map's interior.

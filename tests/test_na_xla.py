@@ -1,0 +1,91 @@
+"""The XLA backend against the shared backend test base, plus its memory contract."""
+
+import math
+
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from na_base import NABackendTests
+
+import natjax
+
+
+class TestXLA(NABackendTests):
+    implementation = "xla"
+
+
+class TestReference(NABackendTests):
+    """The dense reference must itself reproduce NATTEN (it is the spec for the others)."""
+
+    implementation = "reference"
+    property_seeds = ()  # comparing the reference with itself proves nothing
+    dtype_seeds = (3,)
+    test_sharding = False  # dense N x N; only the production backends promise sharding
+
+
+def _intermediate_sizes(fn, *args):
+    """Element counts of every value produced inside `fn` (recursing into sub-jaxprs)."""
+    sizes = []
+
+    def visit(jaxpr):
+        for eqn in jaxpr.eqns:
+            for var in eqn.outvars:
+                sizes.append((math.prod(var.aval.shape), eqn.primitive.name, var.aval.shape))
+            for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                visit(sub)
+
+    visit(jax.make_jaxpr(fn)(*args).jaxpr)
+    return sizes
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,causal,bound",
+    [
+        ((56, 56), (7, 7), (1, 1), (False, False), 1.0),  # NAT stage 1: logits are the largest
+        ((28, 30), (7, 7), (4, 3), (False, True), 1.0),  # DiNAT-style dilation, causal axis
+        ((8, 9, 10), (3, 3, 3), (1, 2, 1), (False, False, True), 1.0),
+        ((200,), (7,), (3,), (False,), 2.0),  # 1-D: a tile's scores are < 2x its logits
+    ],
+)
+def test_xla_materialises_nothing_quadratic(spatial, kernel, dilation, causal, bound):
+    """Forward and backward never build `N x N` arrays or per-query key/value copies: nothing
+    larger than the `[B, h, N, kernel_volume]` logits (x `bound` for 1-D tiles)."""
+    batch, heads, head_dim = 2, 2, 16
+    shape = (batch, *spatial, heads, head_dim)
+    q = k = v = jnp.zeros(shape, jnp.float32)
+    rpb = jnp.zeros((heads, *(2 * kk - 1 for kk in kernel)), jnp.float32)
+    fn = getattr(natjax, f"na{len(spatial)}d")
+
+    def loss(q, k, v, rpb):
+        return jnp.sum(fn(q, k, v, kernel, dilation, causal, rpb=rpb, implementation="xla"))
+
+    n = math.prod(spatial)
+    logits = batch * heads * n * math.prod(kernel)
+    sizes = _intermediate_sizes(jax.grad(loss, argnums=(0, 1, 2, 3)), q, k, v, rpb)
+    biggest = max(sizes)
+    assert biggest[0] <= bound * logits, (biggest, logits)
+    # In particular no per-query copies of keys (B * N * KV * h * D elements).
+    assert biggest[0] < batch * n * math.prod(kernel) * heads * head_dim
+
+
+def test_xla_backward_has_no_scatter_or_gather():
+    """The backward uses the forward's offset pattern (slices, pads, matmuls), not scatters."""
+    shape = (1, 12, 11, 2, 8)
+    q = jnp.ones(shape)
+    rpb = jnp.ones((2, 5, 9))
+
+    def loss(q, rpb):
+        return jnp.sum(natjax.na2d(q, q, q, (3, 5), (2, 1), (True, False), rpb=rpb,
+                                   implementation="xla") ** 2)  # fmt: skip
+
+    names = {name for _, name, _ in _intermediate_sizes(jax.grad(loss, (0, 1)), q, rpb)}
+    assert not {n for n in names if "scatter" in n or n == "gather"}, names
+
+
+def test_default_implementation_on_cpu_is_xla():
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 9, 4, 8)), jnp.float32)
+    got = natjax.na1d(q, q, q, 5)
+    want = natjax.na1d(q, q, q, 5, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
