@@ -273,6 +273,57 @@ def _piece_core(piece, params: NAParams) -> _Core:
     return _core(tuple(piece.shape[2:-1]), params.kernel_size, params.is_causal)
 
 
+# Cache blocking on CPU: process this many bytes of per-item working set (logits + q/k/v/out) per
+# step of a loop over the batch, so that each step's intermediates stay in the L2/L3 caches.
+# Measured on a 2-core EPYC: ~3x faster forward for NAT-Tiny stage-1 shapes (experiments/bench_na).
+CPU_CHUNK_BYTES = 4 << 20
+
+
+def _cpu_chunk(batch: int, per_item_bytes: int) -> int | None:
+    """Batch items per loop step on a single-device CPU, or None for one fused pass.
+
+    Accelerators want one large pass, and multi-device programs are partitioned by GSPMD, which
+    would have to gather a batch axis that a loop scans; so only single-device CPU loops.
+    """
+    if jax.default_backend() != "cpu" or jax.device_count() > 1:
+        return None
+    chunk = max(1, CPU_CHUNK_BYTES // max(per_item_bytes, 1))
+    return None if chunk >= batch else chunk
+
+
+def _map_batch(fn, arrays, chunk: int | None):
+    """`fn(*arrays) -> (per_item_outputs, summed)` run over batch chunks with a `lax.scan`.
+
+    `per_item_outputs` (a tuple of arrays with the batch leading) are concatenated back;
+    `summed` (an array or None) is accumulated over chunks.
+    """
+    if chunk is None:
+        return fn(*arrays)
+    batch = arrays[0].shape[0]
+    n = -(-batch // chunk)
+    pad = n * chunk - batch
+    xs = [
+        jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((n, chunk) + x.shape[1:])
+        for x in arrays
+    ]
+    _, summed_shape = jax.eval_shape(fn, *[x[0] for x in xs])
+    init = None if summed_shape is None else jnp.zeros(summed_shape.shape, summed_shape.dtype)
+
+    def body(acc, chunk_arrays):
+        outs, summed = fn(*chunk_arrays)
+        return (None if acc is None else acc + summed), outs
+
+    total, outs = jax.lax.scan(body, init, xs)
+    outs = tuple(o.reshape((n * chunk,) + o.shape[2:])[:batch] for o in outs)
+    return outs, total
+
+
+def _piece_chunk(piece, params: NAParams) -> int | None:
+    _, heads, *spatial, head_dim = piece.shape
+    per_item = heads * math.prod(spatial) * (params.kernel_volume + 4 * head_dim) * 4
+    return _cpu_chunk(piece.shape[0], per_item)
+
+
 def _forward(q, k, v, rpb, params: NAParams):
     spatial = tuple(q.shape[1:-2])
     ct = _compute_dtype(q.dtype)
@@ -281,7 +332,9 @@ def _forward(q, k, v, rpb, params: NAParams):
     qs, ks, vs = (split.split(_to_bh(x).astype(ct)) for x in (q, k, v))
     outs, lses = [], []
     for qp, kp, vp in zip(qs, ks, vs, strict=True):
-        o, lse = _piece_core(qp, params).forward(qp, kp, vp, rpb_c, params.scale)
+        core = _piece_core(qp, params)
+        fwd = lambda q_, k_, v_, core=core: (core.forward(q_, k_, v_, rpb_c, params.scale), None)
+        (o, lse), _ = _map_batch(fwd, (qp, kp, vp), _piece_chunk(qp, params))
         outs.append(o)
         lses.append(lse)
     out = _from_bh(split.merge(outs)).astype(q.dtype)
@@ -301,10 +354,14 @@ def _backward(params: NAParams, res, cts):
     ]
     grads = [[], [], []]
     drpb = None
-    for qp, kp, vp, op, dop, lp, dlp in zip(*pieces, strict=True):
-        dq, dk, dv, dr = _piece_core(qp, params).backward(
-            qp, kp, vp, rpb_c, op, lp, dop, dlp, params.scale
-        )
+    for piece in zip(*pieces, strict=True):
+        core = _piece_core(piece[0], params)
+
+        def bwd(q_, k_, v_, o_, do_, l_, dl_, core=core):
+            dq, dk, dv, dr = core.backward(q_, k_, v_, rpb_c, o_, l_, do_, dl_, params.scale)
+            return (dq, dk, dv), dr
+
+        (dq, dk, dv), dr = _map_batch(bwd, piece, _piece_chunk(piece[0], params))
         for acc, g in zip(grads, (dq, dk, dv), strict=True):
             acc.append(g)
         if dr is not None:
