@@ -1,6 +1,28 @@
 """natjax: Neighborhood Attention, NAT and DiNAT in JAX."""
 
+from natjax.convert.checkpoint import export_pretrained, from_pretrained, save_pretrained
+from natjax.models import (
+    NatBackbone,
+    NatConfig,
+    NatForImageClassification,
+    NatModel,
+    get_config,
+    list_presets,
+)
 from natjax.ops.na import na1d, na2d, na3d
 
 __version__ = "0.1.0"
-__all__ = ["na1d", "na2d", "na3d"]
+__all__ = [
+    "NatBackbone",
+    "NatConfig",
+    "NatForImageClassification",
+    "NatModel",
+    "export_pretrained",
+    "from_pretrained",
+    "get_config",
+    "list_presets",
+    "na1d",
+    "na2d",
+    "na3d",
+    "save_pretrained",
+]

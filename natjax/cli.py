@@ -10,7 +10,11 @@ import argparse
 import importlib
 import sys
 
-_COMMAND_MODULES = ("natjax.demo",)
+_COMMAND_MODULES = (
+    "natjax.demo",
+    "natjax.convert.cli",
+    "natjax.train.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

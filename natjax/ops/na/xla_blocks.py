@@ -64,9 +64,24 @@ class StaticTake:
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=self.axis)
 
     def transpose(self, ct: jax.Array, shape, dtype) -> jax.Array:
-        """Adjoint of `__call__` (sums repeated rows, drops zero rows): pads, slices, adds."""
-        (x,) = jax.linear_transpose(self.__call__, jax.ShapeDtypeStruct(shape, dtype))(ct)
-        return x
+        """Adjoint of `__call__`: each slice run is padded back into place and each repeated
+        run summed into its source row (the inverse neighborhood); zero runs are dropped."""
+        del dtype
+        length = shape[self.axis]
+        out, pos = None, 0
+        for kind, start, n in self.runs:
+            part = jax.lax.slice_in_dim(ct, pos, pos + n, axis=self.axis)
+            pos += n
+            if kind == "zero":
+                continue
+            if kind == "repeat":
+                part = jnp.sum(part, axis=self.axis, keepdims=True)
+                n = 1
+            pad = [(0, 0)] * ct.ndim
+            pad[self.axis] = (start, length - start - n)
+            part = jnp.pad(part, pad)
+            out = part if out is None else out + part
+        return jnp.zeros(shape, ct.dtype) if out is None else out
 
 
 def default_tile(length: int, kernel_size: int, kernel_volume: int) -> int:

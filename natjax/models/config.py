@@ -1,0 +1,421 @@
+"""`NatConfig`: the one configuration of NAT (arXiv 2204.07143) and DiNAT (arXiv 2209.15001).
+
+Field names and defaults follow Hugging Face `NatConfig` / `DinatConfig` (transformers 4.52), so a
+`config.json` maps onto it one to one. DiNAT is NAT with per-layer dilations: `model_type="dinat"`
+plus `dilations` (one list per stage, one entry per layer); NAT has `dilations=None`.
+
+The config is a frozen, hashable dataclass (lists are normalised to tuples, `id2label` to a tuple
+of names) so that models can keep it as static metadata under `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+MODEL_TYPES = ("nat", "dinat")
+HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
+
+# Hugging Face `DinatConfig` default dilations (for the default depths (3, 4, 6, 5), 224x224 input).
+DINAT_DEFAULT_DILATIONS = ((1, 8, 1), (1, 4, 1, 4), (1, 2, 1, 2, 1, 2), (1, 1, 1, 1, 1))
+
+# Keys a Hugging Face NAT/DiNAT `config.json` may carry that do not change the network: derived
+# values (hidden_size, num_layers, stage_names, label2id, checked for consistency where derivable),
+# bookkeeping, initialisation-only settings and generic `PretrainedConfig` fields.
+HF_IGNORED_KEYS = frozenset(
+    {
+        "_attn_implementation_autoset",
+        "_name_or_path",
+        "add_cross_attention",
+        "architectures",
+        "bad_words_ids",
+        "begin_suppress_tokens",
+        "bos_token_id",
+        "chunk_size_feed_forward",
+        "cross_attention_hidden_size",
+        "decoder_start_token_id",
+        "diversity_penalty",
+        "do_sample",
+        "early_stopping",
+        "encoder_no_repeat_ngram_size",
+        "eos_token_id",
+        "exponential_decay_length_penalty",
+        "finetuning_task",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "hidden_size",
+        "initializer_range",
+        "is_decoder",
+        "is_encoder_decoder",
+        "label2id",
+        "length_penalty",
+        "max_length",
+        "min_length",
+        "no_repeat_ngram_size",
+        "num_beam_groups",
+        "num_beams",
+        "num_layers",
+        "num_return_sequences",
+        "output_attentions",
+        "output_hidden_states",
+        "output_scores",
+        "pad_token_id",
+        "prefix",
+        "problem_type",
+        "pruned_heads",
+        "remove_invalid_values",
+        "repetition_penalty",
+        "return_dict",
+        "return_dict_in_generate",
+        "sep_token_id",
+        "stage_names",
+        "suppress_tokens",
+        "task_specific_params",
+        "temperature",
+        "tf_legacy_loss",
+        "tie_encoder_decoder",
+        "tie_word_embeddings",
+        "tokenizer_class",
+        "top_k",
+        "top_p",
+        "torch_dtype",
+        "torchscript",
+        "transformers_version",
+        "typical_p",
+        "use_bfloat16",
+    }
+)
+
+_ARCHITECTURES = {
+    ("nat", "classification"): "NatForImageClassification",
+    ("nat", "model"): "NatModel",
+    ("nat", "backbone"): "NatBackbone",
+    ("dinat", "classification"): "DinatForImageClassification",
+    ("dinat", "model"): "DinatModel",
+    ("dinat", "backbone"): "DinatBackbone",
+}
+
+
+def _bad(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"NatConfig: invalid `{field}`={value!r}; expected {allowed}.")
+
+
+def _int_tuple(field: str, value: Any) -> tuple[int, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise _bad(field, value, "a sequence of positive ints")
+    out = tuple(value)
+    if not out or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in out):
+        raise _bad(field, value, "a non-empty sequence of positive ints")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class NatConfig:
+    """Architecture of a NAT or DiNAT model (Hugging Face field names and defaults).
+
+    Attributes:
+      model_type: "nat" (no dilation) or "dinat" (per-layer `dilations`).
+      patch_size: must be 4 (two stride-2 3x3 convolutions, as in the papers and HF).
+      num_channels: input image channels.
+      embed_dim: channels of stage 1; stage `i` has `embed_dim * 2**i`.
+      depths: layers per stage.
+      num_heads: attention heads per stage.
+      kernel_size: neighborhood size (odd).
+      dilations: None for NAT; for DiNAT one tuple per stage with one dilation per layer.
+      mlp_ratio: MLP hidden width / channels.
+      qkv_bias: whether query/key/value projections have a bias.
+      hidden_dropout_prob: dropout after the embeddings and the MLP.
+      attention_probs_dropout_prob: dropout after the attention output projection (the fused
+        neighborhood-attention op cannot drop attention probabilities; see the model docs).
+      drop_path_rate: stochastic-depth rate of the last layer (linear from 0 over all layers).
+      hidden_act: MLP activation; "gelu" is the exact erf GELU.
+      layer_norm_eps: epsilon of the per-layer and final LayerNorms (HF keeps the embedding,
+        downsampler and backbone norms at PyTorch's default 1e-5).
+      layer_scale_init_value: > 0 enables layer scale (one learnable vector per branch).
+      out_features, out_indices: backbone outputs, names from `stage_names` ("stem", "stage1",
+        ...) and their indices; either may be given, the other is derived (default: last stage).
+      num_labels: classifier outputs (0 = no classifier head, pooled features are returned).
+      id2label: class names in index order (a `{index: name}` mapping is accepted).
+    """
+
+    model_type: str = "nat"
+    patch_size: int = 4
+    num_channels: int = 3
+    embed_dim: int = 64
+    depths: tuple[int, ...] = (3, 4, 6, 5)
+    num_heads: tuple[int, ...] = (2, 4, 8, 16)
+    kernel_size: int = 7
+    dilations: tuple[tuple[int, ...], ...] | None = None
+    mlp_ratio: float = 3.0
+    qkv_bias: bool = True
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    drop_path_rate: float = 0.1
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-5
+    layer_scale_init_value: float = 0.0
+    out_features: tuple[str, ...] | None = None
+    out_indices: tuple[int, ...] | None = None
+    num_labels: int | None = None
+    id2label: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        setf = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        if self.model_type not in MODEL_TYPES:
+            raise _bad("model_type", self.model_type, f"one of {MODEL_TYPES}")
+        if self.patch_size != 4:
+            raise _bad("patch_size", self.patch_size, "4 (the only patch size NAT/DiNAT define)")
+        for name in ("num_channels", "embed_dim", "kernel_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise _bad(name, value, "a positive int")
+        if self.kernel_size % 2 == 0:
+            raise _bad("kernel_size", self.kernel_size, "an odd int (neighborhoods are centred)")
+        setf("depths", _int_tuple("depths", self.depths))
+        setf("num_heads", _int_tuple("num_heads", self.num_heads))
+        if len(self.num_heads) != len(self.depths):
+            raise _bad("num_heads", self.num_heads, f"{len(self.depths)} entries, one per stage")
+        for i, heads in enumerate(self.num_heads):
+            dim = self.embed_dim * 2**i
+            if dim % heads:
+                raise _bad("num_heads", self.num_heads, f"stage {i + 1} heads dividing {dim}")
+        self._check_dilations()
+        if not isinstance(self.mlp_ratio, int | float) or self.mlp_ratio <= 0:
+            raise _bad("mlp_ratio", self.mlp_ratio, "a positive number")
+        if not isinstance(self.qkv_bias, bool):
+            raise _bad("qkv_bias", self.qkv_bias, "a bool")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise _bad(name, value, "a probability in [0, 1)")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise _bad("hidden_act", self.hidden_act, f"one of {HIDDEN_ACTS}")
+        if not isinstance(self.layer_norm_eps, int | float) or self.layer_norm_eps <= 0:
+            raise _bad("layer_norm_eps", self.layer_norm_eps, "a positive number")
+        value = self.layer_scale_init_value
+        if not isinstance(value, int | float) or value < 0:
+            raise _bad("layer_scale_init_value", value, "a number >= 0 (0 disables layer scale)")
+        self._check_labels()
+        self._check_out_features()
+
+    def _check_dilations(self) -> None:
+        if self.model_type == "nat":
+            if self.dilations is not None:
+                raise _bad("dilations", self.dilations, "None for model_type='nat' (use 'dinat')")
+            return
+        dilations = self.dilations
+        if dilations is None:
+            if self.depths != (3, 4, 6, 5):
+                raise _bad("dilations", None, "one list per stage (no default for these depths)")
+            dilations = DINAT_DEFAULT_DILATIONS
+        if isinstance(dilations, str) or not isinstance(dilations, Sequence):
+            raise _bad("dilations", dilations, "one sequence of ints per stage")
+        out = tuple(_int_tuple("dilations", stage) for stage in dilations)
+        if tuple(len(s) for s in out) != self.depths:
+            raise _bad("dilations", dilations, f"per-stage lengths equal to depths {self.depths}")
+        object.__setattr__(self, "dilations", out)
+
+    def _check_labels(self) -> None:
+        labels = self.id2label
+        if isinstance(labels, Mapping):
+            try:
+                items = sorted((int(k), str(v)) for k, v in labels.items())
+            except (TypeError, ValueError):
+                raise _bad("id2label", labels, "a mapping with int-like keys") from None
+            if [k for k, _ in items] != list(range(len(items))):
+                raise _bad("id2label", labels, "keys 0 .. n-1")
+            labels = tuple(v for _, v in items)
+        elif labels is not None:
+            if isinstance(labels, str) or not isinstance(labels, Sequence):
+                raise _bad("id2label", labels, "a sequence of names or an {index: name} mapping")
+            labels = tuple(str(v) for v in labels)
+        num = self.num_labels
+        if num is None:
+            # Hugging Face's PretrainedConfig default is two labels.
+            num = 2 if labels is None else len(labels)
+        if not isinstance(num, int) or isinstance(num, bool) or num < 0:
+            raise _bad("num_labels", num, "an int >= 0")
+        if labels is not None and len(labels) != num:
+            raise _bad("id2label", labels, f"{num} names (num_labels)")
+        object.__setattr__(self, "id2label", labels)
+        object.__setattr__(self, "num_labels", num)
+
+    def _check_out_features(self) -> None:
+        names = self.stage_names
+        features, indices = self.out_features, self.out_indices
+        if features is not None:
+            if isinstance(features, str) or not isinstance(features, Sequence):
+                raise _bad("out_features", features, f"a sequence of names from {names}")
+            features = tuple(features)
+            unknown = [f for f in features if f not in names]
+            if unknown or not features:
+                raise _bad("out_features", features, f"non-empty names from {names}")
+        if indices is not None:
+            if isinstance(indices, str) or not isinstance(indices, Sequence):
+                raise _bad("out_indices", indices, f"a sequence of ints in [0, {len(names)})")
+            indices = tuple(i + len(names) if isinstance(i, int) and i < 0 else i for i in indices)
+            if not indices or not all(isinstance(i, int) and 0 <= i < len(names) for i in indices):
+                raise _bad("out_indices", self.out_indices, f"ints in [0, {len(names)})")
+        if features is None and indices is None:
+            features, indices = (names[-1],), (len(names) - 1,)
+        elif features is None:
+            features = tuple(names[i] for i in indices)
+        elif indices is None:
+            indices = tuple(names.index(f) for f in features)
+        elif tuple(names.index(f) for f in features) != indices:
+            raise _bad("out_indices", indices, f"the indices of out_features {features}")
+        if list(indices) != sorted(set(indices)):
+            raise _bad("out_features", features, f"distinct stages in the order of {names}")
+        object.__setattr__(self, "out_features", features)
+        object.__setattr__(self, "out_indices", indices)
+
+    # ----------------------------------------------------------------------------- derived values
+    @property
+    def num_stages(self) -> int:
+        """Number of stages (levels)."""
+        return len(self.depths)
+
+    @property
+    def stage_names(self) -> tuple[str, ...]:
+        """Backbone stage names: "stem" (embeddings) then "stage1" ... "stageN"."""
+        return ("stem",) + tuple(f"stage{i + 1}" for i in range(len(self.depths)))
+
+    @property
+    def hidden_size(self) -> int:
+        """Channels of the last stage (width of `pooler_output`)."""
+        return self.stage_dim(self.num_stages - 1)
+
+    def stage_dim(self, stage: int) -> int:
+        """Channels of stage `stage` (0-based)."""
+        return self.embed_dim * 2**stage
+
+    def stage_dilations(self, stage: int) -> tuple[int, ...]:
+        """Per-layer dilations of stage `stage` (all 1 for NAT)."""
+        if self.dilations is None:
+            return (1,) * self.depths[stage]
+        return self.dilations[stage]
+
+    def drop_path_rates(self) -> tuple[float, ...]:
+        """Stochastic-depth rate of every layer: linear from 0 to `drop_path_rate` (NAT sec. 4)."""
+        n = sum(self.depths)
+        if n == 1:
+            return (0.0,)
+        return tuple(self.drop_path_rate * i / (n - 1) for i in range(n))
+
+    def replace(self, **changes: Any) -> NatConfig:
+        """A copy with `changes` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------------ Hugging Face format
+    @classmethod
+    def from_hf_config(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> NatConfig:
+        """Reads a Hugging Face NAT/DiNAT `config.json`.
+
+        Args:
+          path_or_dict: a `config.json` path, a folder holding one, or the parsed dict.
+
+        Returns:
+          The `NatConfig`.
+
+        Raises:
+          FileNotFoundError: if the path does not exist.
+          ValueError: for a model_type other than nat/dinat, unknown keys (listed), keys that
+            contradict each other, or invalid values.
+        """
+        if isinstance(path_or_dict, Mapping):
+            data = dict(path_or_dict)
+        else:
+            path = os.fspath(path_or_dict)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"NatConfig.from_hf_config: no such file: {path}")
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            if not isinstance(data, dict):
+                raise ValueError(f"NatConfig.from_hf_config: {path} does not hold a JSON object.")
+        model_type = data.pop("model_type", None)
+        if model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"NatConfig.from_hf_config: `model_type`={model_type!r}; expected one of "
+                f"{MODEL_TYPES}."
+            )
+        fields = {f.name for f in dataclasses.fields(cls)} - {"model_type"}
+        unknown = sorted(k for k in data if k not in fields and k not in HF_IGNORED_KEYS)
+        if unknown:
+            raise ValueError(
+                f"NatConfig.from_hf_config: unknown keys {unknown}; known: {sorted(fields)} "
+                "(plus ignored Hugging Face bookkeeping keys)."
+            )
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        config = cls(model_type=model_type, **kwargs)
+        for key, want in (
+            ("hidden_size", config.hidden_size),
+            ("num_layers", config.num_stages),
+            ("stage_names", list(config.stage_names)),
+        ):
+            if key in data and data[key] != want:
+                raise ValueError(
+                    f"NatConfig.from_hf_config: `{key}`={data[key]!r} contradicts the other "
+                    f"fields, which give {want!r}."
+                )
+        return config
+
+    def to_hf_config(self, architecture: str = "classification") -> dict[str, Any]:
+        """The Hugging Face `config.json` content for this config.
+
+        Args:
+          architecture: "classification", "model" or "backbone" (sets `architectures`).
+
+        Returns:
+          A JSON-serialisable dict that `transformers.AutoConfig` loads as Nat/DinatConfig.
+        """
+        key = (self.model_type, architecture)
+        if key not in _ARCHITECTURES:
+            raise ValueError(
+                f"NatConfig.to_hf_config: `architecture`={architecture!r}; expected "
+                "'classification', 'model' or 'backbone'."
+            )
+        labels = self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        out: dict[str, Any] = {
+            "architectures": [_ARCHITECTURES[key]],
+            "model_type": self.model_type,
+            "patch_size": self.patch_size,
+            "num_channels": self.num_channels,
+            "embed_dim": self.embed_dim,
+            "depths": list(self.depths),
+            "num_heads": list(self.num_heads),
+            "kernel_size": self.kernel_size,
+            "mlp_ratio": float(self.mlp_ratio),
+            "qkv_bias": self.qkv_bias,
+            "hidden_dropout_prob": float(self.hidden_dropout_prob),
+            "attention_probs_dropout_prob": float(self.attention_probs_dropout_prob),
+            "drop_path_rate": float(self.drop_path_rate),
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": float(self.layer_norm_eps),
+            "layer_scale_init_value": float(self.layer_scale_init_value),
+            "initializer_range": 0.02,
+            "hidden_size": self.hidden_size,
+            "num_layers": self.num_stages,
+            "stage_names": list(self.stage_names),
+            "out_features": list(self.out_features),
+            "out_indices": list(self.out_indices),
+            "id2label": {str(i): name for i, name in enumerate(labels)},
+            "label2id": {name: i for i, name in enumerate(labels)},
+            "torch_dtype": "float32",
+        }
+        if self.dilations is not None:
+            out["dilations"] = [list(d) for d in self.dilations]
+        return dict(sorted(out.items()))
+
+    def describe(self) -> str:
+        """One line summary, e.g. for logs."""
+        dil = "" if self.dilations is None else f" dilations={[list(d) for d in self.dilations]}"
+        return (
+            f"{self.model_type}: embed_dim={self.embed_dim} depths={list(self.depths)} "
+            f"heads={list(self.num_heads)} kernel={self.kernel_size}{dil} "
+            f"mlp_ratio={self.mlp_ratio} labels={self.num_labels}"
+        )

@@ -1,0 +1,319 @@
+"""NAT / DiNAT models: `NatModel`, `NatForImageClassification`, `NatBackbone` (Flax NNX).
+
+One set of classes serves both families; `config.model_type` / `config.dilations` select DiNAT.
+The attribute tree mirrors Hugging Face module names so that `natjax.convert.hf` is a readable
+key table:
+
+    NatForImageClassification.nat = NatModel, .classifier           (HF "nat."/"dinat." prefix)
+    NatModel.embeddings.patch_embeddings.projection_{0,1}, .embeddings.norm
+            .encoder.levels[i].layers[j].{layernorm_before, attention.{query,key,value,rpb,output},
+                                          layernorm_after, intermediate, output,
+                                          layer_scale_attention, layer_scale_mlp}
+            .encoder.levels[i].downsample.{reduction, norm}, .layernorm
+    NatBackbone.embeddings, .encoder, .hidden_states_norms[stage]   (no prefix, no layernorm)
+
+Calling convention (all three): `model(images, output_hidden_states=False, deterministic=True,
+rngs=None)` with channels-last `images` `[B, H, W, num_channels]` of any size. Training mode
+(`deterministic=False`) needs `rngs` (an `nnx.Rngs` with a "dropout" stream, or a PRNG key) when
+any dropout or drop-path rate is non-zero.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from natjax.models.config import NatConfig
+from natjax.models.layers import TORCH_LAYER_NORM_EPS, Dtype, Embeddings, NatEncoder, layer_norm
+from natjax.models.outputs import BackboneOutput, NatImageClassifierOutput, NatModelOutput
+
+RngsLike = nnx.Rngs | jax.Array | None
+
+
+def _check_config(config: NatConfig) -> None:
+    if not isinstance(config, NatConfig):
+        raise ValueError(f"`config` must be a NatConfig, got {type(config).__name__}.")
+    if config.attention_probs_dropout_prob > 0:
+        warnings.warn(
+            "natjax: attention_probs_dropout_prob > 0 drops the attention output projection only; "
+            "the fused neighborhood-attention op does not drop attention probabilities.",
+            stacklevel=3,
+        )
+
+
+def _check_images(images: jax.Array, config: NatConfig, name: str) -> None:
+    if not hasattr(images, "shape") or images.ndim != 4:
+        raise ValueError(
+            f"{name}: `images` must be [batch, height, width, channels] (channels-last), got "
+            f"shape {getattr(images, 'shape', type(images).__name__)}."
+        )
+    if images.shape[-1] != config.num_channels:
+        raise ValueError(
+            f"{name}: `images` has {images.shape[-1]} channels in its last axis, expected "
+            f"config.num_channels={config.num_channels} (inputs are channels-last [B, H, W, C]; "
+            "transpose NCHW arrays with x.transpose(0, 2, 3, 1))."
+        )
+
+
+def _uses_randomness(config: NatConfig) -> bool:
+    return (
+        config.hidden_dropout_prob > 0
+        or config.attention_probs_dropout_prob > 0
+        or config.drop_path_rate > 0
+    )
+
+
+def _dropout_keys(
+    config: NatConfig, num_layers: int, deterministic: bool, rngs: RngsLike, name: str
+) -> tuple[jax.Array | None, list[jax.Array | None]]:
+    """One key for the embedding dropout and one per layer, or all None when deterministic."""
+    if deterministic or not _uses_randomness(config):
+        return None, [None] * num_layers
+    if rngs is None:
+        raise ValueError(
+            f"{name}: `rngs` is required with deterministic=False (dropout/drop-path are active); "
+            "pass rngs=nnx.Rngs(dropout=seed) or a jax.random key."
+        )
+    key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+    keys = list(jax.random.split(key, num_layers + 1))
+    return keys[0], keys[1:]
+
+
+def _reshape(states: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
+    return tuple(jnp.transpose(s, (0, 3, 1, 2)) for s in states)
+
+
+class NatModel(nnx.Module):
+    """NAT/DiNAT trunk: embeddings, encoder, final LayerNorm and mean pooling (HF `NatModel`).
+
+    Args:
+      config: the architecture.
+      rngs: parameter initialisation streams.
+      dtype: computation dtype (e.g. `jnp.bfloat16`); LayerNorm statistics stay float32.
+      param_dtype: parameter storage dtype.
+      attention_implementation: passed to `natjax.na2d` (None picks the fastest available).
+      remat: recompute each NA layer's activations in the backward pass (`nnx.remat`).
+    """
+
+    def __init__(
+        self,
+        config: NatConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        attention_implementation: str | None = None,
+        remat: bool = False,
+    ):
+        _check_config(config)
+        self.config = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embeddings = Embeddings(
+            config.num_channels, config.embed_dim, config.hidden_dropout_prob, **kw
+        )
+        self.encoder = NatEncoder(
+            config, attention_implementation=attention_implementation, remat=remat, **kw
+        )
+        self.layernorm = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+
+    def __call__(
+        self,
+        images: jax.Array,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+        rngs: RngsLike = None,
+    ) -> NatModelOutput:
+        """Runs the trunk.
+
+        Args:
+          images: `[B, H, W, num_channels]`, any `H, W`.
+          output_hidden_states: also return every stage's output.
+          deterministic: False enables dropout and stochastic depth.
+          rngs: randomness for training mode (`nnx.Rngs` with "dropout", or a key).
+
+        Returns:
+          A `NatModelOutput`.
+        """
+        _check_images(images, self.config, type(self).__name__)
+        embed_key, keys = _dropout_keys(
+            self.config, self.encoder.num_layers, deterministic, rngs, type(self).__name__
+        )
+        x = self.embeddings(images, embed_key)
+        last, after, _ = self.encoder(x, keys)
+        last = self.layernorm(last)
+        pooled = jnp.mean(last, axis=(1, 2))
+        hidden = reshaped = None
+        if output_hidden_states:
+            hidden = (x, *after)
+            reshaped = _reshape(hidden)
+        return NatModelOutput(
+            last_hidden_state=last,
+            pooler_output=pooled,
+            hidden_states=hidden,
+            reshaped_hidden_states=reshaped,
+        )
+
+
+class NatForImageClassification(nnx.Module):
+    """`NatModel` plus a linear classifier on the pooled features (HF `NatForImageClassification`).
+
+    Args: as `NatModel`; the head has `config.num_labels` outputs (none when 0).
+    """
+
+    def __init__(
+        self,
+        config: NatConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        attention_implementation: str | None = None,
+        remat: bool = False,
+    ):
+        self.nat = NatModel(
+            config,
+            rngs=rngs,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            attention_implementation=attention_implementation,
+            remat=remat,
+        )
+        classifier = None
+        if config.num_labels > 0:
+            classifier = nnx.Linear(
+                config.hidden_size,
+                config.num_labels,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=nnx.with_partitioning(
+                    nnx.initializers.normal(0.02), ("embed", "classes"), eager_sharding=False
+                ),
+                bias_init=nnx.with_partitioning(
+                    nnx.initializers.zeros_init(), ("classes",), eager_sharding=False
+                ),
+                rngs=rngs,
+            )
+        self.classifier = nnx.data(classifier)
+
+    @property
+    def config(self) -> NatConfig:
+        """The architecture (stored once, on the trunk)."""
+        return self.nat.config
+
+    def __call__(
+        self,
+        images: jax.Array,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+        rngs: RngsLike = None,
+    ) -> NatImageClassifierOutput:
+        """Classifies `images` `[B, H, W, C]`; see `NatModel.__call__` for the arguments."""
+        out = self.nat(images, output_hidden_states, deterministic, rngs)
+        logits = out.pooler_output
+        if self.classifier is not None:
+            logits = self.classifier(logits)
+        return NatImageClassifierOutput(
+            logits=logits,
+            last_hidden_state=out.last_hidden_state,
+            pooler_output=out.pooler_output,
+            hidden_states=out.hidden_states,
+            reshaped_hidden_states=out.reshaped_hidden_states,
+        )
+
+
+class NatBackbone(nnx.Module):
+    """Multi-scale features for detection/segmentation (HF `NatBackbone`).
+
+    Each stage named in `config.out_features` ("stem", "stage1", ...) contributes its output before
+    downsampling, normalised by its own LayerNorm `hidden_states_norms[stage]`.
+
+    Args: as `NatModel`.
+    """
+
+    def __init__(
+        self,
+        config: NatConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        attention_implementation: str | None = None,
+        remat: bool = False,
+    ):
+        _check_config(config)
+        self.config = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embeddings = Embeddings(
+            config.num_channels, config.embed_dim, config.hidden_dropout_prob, **kw
+        )
+        self.encoder = NatEncoder(
+            config, attention_implementation=attention_implementation, remat=remat, **kw
+        )
+        channels = (config.embed_dim,) + tuple(
+            config.stage_dim(i) for i in range(config.num_stages)
+        )
+        self.hidden_states_norms = nnx.Dict(
+            {
+                name: layer_norm(channels[index], TORCH_LAYER_NORM_EPS, **kw)
+                for name, index in zip(config.out_features, config.out_indices, strict=True)
+            }
+        )
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        """Channels of each feature map, in `config.out_features` order."""
+        dims = (self.config.embed_dim,) + tuple(
+            self.config.stage_dim(i) for i in range(self.config.num_stages)
+        )
+        return tuple(dims[i] for i in self.config.out_indices)
+
+    def __call__(
+        self,
+        images: jax.Array,
+        output_hidden_states: bool = False,
+        deterministic: bool = True,
+        rngs: RngsLike = None,
+    ) -> BackboneOutput:
+        """Feature maps of `images` `[B, H, W, C]`; see `NatModel.__call__` for the arguments."""
+        _check_images(images, self.config, type(self).__name__)
+        embed_key, keys = _dropout_keys(
+            self.config, self.encoder.num_layers, deterministic, rngs, type(self).__name__
+        )
+        x = self.embeddings(images, embed_key)
+        _, _, before = self.encoder(x, keys)
+        states = (x, *before)
+        maps = tuple(
+            jnp.transpose(self.hidden_states_norms[name](states[index]), (0, 3, 1, 2))
+            for name, index in zip(self.config.out_features, self.config.out_indices, strict=True)
+        )
+        return BackboneOutput(
+            feature_maps=maps, hidden_states=states if output_hidden_states else None
+        )
+
+
+MODEL_CLASSES = {
+    "model": NatModel,
+    "classification": NatForImageClassification,
+    "backbone": NatBackbone,
+}
+
+
+def count_params(config: NatConfig, kind: str = "classification") -> int:
+    """Number of parameters of a model, computed abstractly (`nnx.eval_shape`, no allocation).
+
+    Args:
+      config: the architecture.
+      kind: "model", "classification" or "backbone".
+
+    Returns:
+      The total number of scalar parameters.
+    """
+    if kind not in MODEL_CLASSES:
+        raise ValueError(f"count_params: `kind`={kind!r}; expected one of {tuple(MODEL_CLASSES)}.")
+    cls = MODEL_CLASSES[kind]
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    return int(sum(leaf.size for leaf in leaves))

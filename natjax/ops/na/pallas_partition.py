@@ -1,0 +1,149 @@
+"""Makes a batch/head-parallel kernel call shardable (`custom_partitioning`) and vmappable.
+
+A `pallas_call` is opaque to XLA's SPMD partitioner, which would all-gather its operands. The
+neighborhood-attention kernels are independent per (batch, head), so `batch_head_parallel` wraps
+an op on the row layout in `jax.experimental.custom_partitioning`: under `jax.jit` with inputs
+sharded over batch and/or heads (any mesh axes), every device runs the op on its own shard, and
+only the remaining axes (positions, head dim, bias bins) are replicated. This needs no mesh
+context manager and works with the plain `jax.jit(..., in_shardings=...)` style.
+
+`custom_partitioning` has no batching rule, so the wrapped op is also a `custom_vmap` whose rule
+folds the vmapped axis into the head axis (heads are independent, and the bias is per head).
+
+Array kinds (the op's operands/results):
+  * ``"x"``: `[B, N, h, D]`; ``"row"``: `[B, N, h]`; ``"rpb"``: `[h, R]`;
+  * ``"drpb"``: `[B, h, O, X]` (per-batch bias-gradient partials, reduced by the caller).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+_FACTORS = {"x": "b n h d", "row": "b n h", "rpb": "h r", "drpb": "b h o u"}
+_REPLICATED = ("n", "d", "r", "o", "u")
+_HEAD_AXIS = {"x": 2, "row": 2, "rpb": 0, "drpb": 1}
+
+
+def _spec(kind: str, batch, head) -> P:
+    return {
+        "x": P(batch, None, head, None),
+        "row": P(batch, None, head),
+        "rpb": P(head, None),
+        "drpb": P(batch, head, None, None),
+    }[kind]
+
+
+def _batch_head_axes(sharding, ndim: int):
+    """Mesh axes of dims 0 (batch) and 2 (heads) of the first operand (an "x")."""
+    spec = tuple(getattr(sharding, "spec", ())) + (None,) * ndim
+    return spec[0], spec[2]
+
+
+def _explicit_mesh(x):
+    """(mesh, batch axes, head axes) when `x` carries an explicit sharding, else None."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or mesh.empty or not any(sharding.spec):
+        return None
+    batch, head = _batch_head_axes(sharding, x.ndim)
+    return mesh, batch, head
+
+
+def _fold(x, kind: str, size: int, batched: bool):
+    """Moves a vmapped leading axis into the head axis: `[V, ..., h, ...] -> [..., V*h, ...]`."""
+    if not batched:
+        x = jnp.broadcast_to(x[None], (size, *x.shape))
+    axis = _HEAD_AXIS[kind]
+    x = jnp.moveaxis(x, 0, axis)  # [..., V, h, ...]
+    return x.reshape(x.shape[:axis] + (-1,) + x.shape[axis + 2 :])
+
+
+def _unfold(x, kind: str, size: int):
+    axis = _HEAD_AXIS[kind]
+    x = x.reshape(x.shape[:axis] + (size, -1) + x.shape[axis + 1 :])
+    return jnp.moveaxis(x, axis, 0)
+
+
+def batch_head_parallel(
+    op: Callable, static, kinds_in: Sequence[str], kinds_out: Sequence[str]
+) -> Callable:
+    """Wraps `op(static, *arrays) -> tuple` so it shards over batch/heads and vmaps.
+
+    Args:
+      op: the per-shard computation; must be exact when run on any batch/head slice.
+      static: hashable first argument of `op` (the kernel geometry).
+      kinds_in: kind of each array operand (see the module docstring); the first is an "x".
+      kinds_out: kind of each result.
+
+    Returns:
+      A function of the array operands returning a tuple of results.
+    """
+    kinds_in, kinds_out = tuple(kinds_in), tuple(kinds_out)
+
+    def run(*args):
+        return tuple(op(static, *args))
+
+    partitioned = custom_partitioning(run)
+
+    def shardings(mesh, arg_shapes):
+        batch, head = _batch_head_axes(arg_shapes[0].sharding, len(arg_shapes[0].shape))
+        named = lambda kind: NamedSharding(mesh, _spec(kind, batch, head))  # noqa: E731
+        return tuple(named(k) for k in kinds_in), tuple(named(k) for k in kinds_out)
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        arg_sh, out_sh = shardings(mesh, arg_shapes)
+        return mesh, run, out_sh, arg_sh
+
+    def infer(mesh, arg_shapes, result_shape):
+        del result_shape
+        return shardings(mesh, arg_shapes)[1]
+
+    rule = ", ".join(_FACTORS[k] for k in kinds_in) + " -> "
+    rule += ", ".join(_FACTORS[k] for k in kinds_out)
+    used = set(rule.replace(",", " ").replace("->", " ").split())
+    partitioned.def_partition(
+        partition=partition,
+        infer_sharding_from_operands=infer,
+        sharding_rule=rule,
+        need_replication_factors=tuple(f for f in _REPLICATED if f in used),
+    )
+
+    def sharded_call(*args):
+        explicit = _explicit_mesh(args[0])
+        if explicit is None:
+            return partitioned(*args)
+        # Explicit-sharding mesh (sharding in the types): a shard_map over batch/head axes.
+        mesh, batch, head = explicit
+        in_specs = tuple(_spec(k, batch, head) for k in kinds_in)
+        out_specs = tuple(_spec(k, batch, head) for k in kinds_out)
+        args = tuple(
+            jax.sharding.reshard(a, NamedSharding(mesh, s))
+            for a, s in zip(args, in_specs, strict=True)
+        )
+        # check_vma=False: pallas_call out_shapes carry no varying-axes annotation.
+        mapped = jax.shard_map(
+            run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
+        )
+        return mapped(*args)
+
+    @jax.custom_batching.custom_vmap
+    def call(*args):
+        return sharded_call(*args)
+
+    @call.def_vmap
+    def _vmap_rule(axis_size, in_batched, *args):
+        folded = [
+            _fold(a, k, axis_size, b) for a, k, b in zip(args, kinds_in, in_batched, strict=True)
+        ]
+        outs = call(*folded)
+        unfolded = tuple(_unfold(o, k, axis_size) for o, k in zip(outs, kinds_out, strict=True))
+        return unfolded, (True,) * len(kinds_out)
+
+    return call

@@ -1,0 +1,279 @@
+"""The training loop: data -> jitted step -> metrics, evaluation, checkpoints, resume, plot.
+
+Fault tolerance: rerunning the same command in the same workdir resumes from the newest
+checkpoint that restores (params, optimizer state, EMA, step, loader position); since every
+random choice is a function of (seed, step) the resumed run reproduces the uninterrupted one step
+for step. SIGTERM (and Ctrl-C) saves a checkpoint at the current step and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from natjax.train import data as data_lib
+from natjax.train import mesh as mesh_lib
+from natjax.train.checkpoint import Checkpointer
+from natjax.train.config import TrainConfig, to_dict
+from natjax.train.metrics import MetricsWriter
+from natjax.train.state import Trainer
+
+
+def _fmt_time(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class _Progress:
+    """One status line (rewritten in place on a terminal, appended otherwise)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled = total, enabled
+        self.tty = sys.stderr.isatty()
+
+    def update(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r" + text.ljust(110)[:160])
+        else:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r" + " " * 110 + "\r")
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+def load_pretrained_params(trainer: Trainer, directory: str, log) -> None:
+    """Copies parameters from a converted checkpoint (natjax.from_pretrained) into the trainer.
+
+    Leaves whose path and shape match are copied; the rest (e.g. a classifier head for a
+    different number of labels) keep their fresh initialisation.
+    """
+    import natjax
+
+    if not hasattr(natjax, "from_pretrained"):
+        raise ValueError("run.init_from needs natjax.from_pretrained (checkpoint conversion).")
+    model = natjax.from_pretrained(directory)
+    source = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat_src = dict(jax.tree_util.tree_flatten_with_path(source)[0])
+    copied, fresh = 0, []
+
+    def one(path, leaf, sharding):
+        nonlocal copied
+        src = flat_src.get(path)
+        if src is None or tuple(np.shape(src)) != tuple(leaf.shape):
+            fresh.append(jax.tree_util.keystr(path))
+            return leaf
+        copied += 1
+        host = np.asarray(src, np.float32)
+        return jax.make_array_from_callback(leaf.shape, sharding, lambda idx: host[idx])
+
+    params = trainer.state["params"]
+    trainer.state["params"] = jax.tree_util.tree_map_with_path(
+        one, params, trainer.shardings["params"]
+    )
+    if trainer.state["ema"] is not None:
+        trainer.state["ema"] = jax.tree.map(lambda x: x.copy(), trainer.state["params"])
+    log(f"init-from {directory}: copied {copied} tensors; fresh: {fresh or 'none'}")
+
+
+def _inject_fault(done: int) -> None:
+    """Test hook: NATJAX_TRAIN_FAULT="kill:N" / "term:N" sends SIGKILL / SIGTERM to this process
+    right after step N, so tests can interrupt a run at a reproducible point."""
+    spec = os.environ.get("NATJAX_TRAIN_FAULT")
+    if not spec:
+        return
+    kind, _, at = spec.partition(":")
+    if int(at) == done:
+        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+
+
+def _meta(cfg: TrainConfig, step: int, num_labels: int) -> dict:
+    return {
+        "step": step,
+        "loader_step": step,
+        "seed": cfg.run.seed,
+        "num_labels": num_labels,
+        "config": to_dict(cfg),
+    }
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Runs (or resumes) training as configured.
+
+    Args:
+      cfg: the run's config.
+
+    Returns:
+      A summary: {"step", "eval": last eval metrics, "workdir", "plot", "interrupted"}.
+    """
+    pidx, pcount = jax.process_index(), jax.process_count()
+    is_main = pidx == 0
+    workdir = Path(cfg.run.workdir).absolute()
+    progress = _Progress(0, cfg.run.progress and is_main)
+    log = progress.message
+
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    train_src = data_lib.make_source(cfg.data, cfg.data.train_split)
+    eval_src = data_lib.make_source(cfg.data, cfg.data.eval_split)
+    num_labels = train_src.num_classes
+    loader = data_lib.BatchLoader(train_src, cfg.data, cfg.augment, cfg.run.seed, pidx, pcount)
+    eval_loader = data_lib.EvalLoader(eval_src, cfg.data, pidx, pcount)
+    spe = loader.steps_per_epoch
+    total = cfg.run.max_steps or max(1, int(round(cfg.optim.epochs * spe)))
+    progress.total = total
+
+    trainer = Trainer(cfg, mesh, num_labels, spe)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
+    log(
+        f"natjax train: {len(train_src)} train / {len(eval_src)} eval images, {num_labels} "
+        f"classes, {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
+        f"{total} steps ({spe}/epoch), workdir {workdir}"
+    )
+
+    if is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "train_config.json").write_text(json.dumps(_meta(cfg, 0, num_labels), indent=1))
+    ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.run.keep_checkpoints)
+    start = 0
+    restored = ckpt.restore_latest(trainer.state) if ckpt.steps() else None
+    if restored is not None:
+        trainer.state, meta = restored
+        start = int(meta["loader_step"])
+        log(f"resumed from checkpoint step {start}")
+    elif cfg.run.init_from:
+        load_pretrained_params(trainer, cfg.run.init_from, log)
+
+    writer = MetricsWriter(workdir, enabled=is_main)
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signum
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    eval_every = cfg.run.eval_every or spe
+    last_eval: dict = {}
+    step = start
+    t_last, n_last = time.perf_counter(), start
+    t_start = t_last
+    try:
+        batches = loader.iterate(start, total)
+        for step in range(start, total):
+            metrics = trainer.step(next(batches), step)
+            done = step + 1
+            if done % cfg.run.log_every == 0 or done == total:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                ips = (done - n_last) * cfg.data.batch_size / max(now - t_last, 1e-9)
+                eta = (total - done) * (now - t_start) / max(done - start, 1)
+                t_last, n_last = now, done
+                writer.write(done, "train", {**m, "images_per_s": ips, "epoch": done / spe})
+                progress.update(
+                    f"step {done}/{total} [{100 * done / total:3.0f}%] ep {done / spe:.1f} | "
+                    f"{ips:6.0f} img/s | loss {m['loss']:.4f} | acc {m['accuracy']:.3f} | "
+                    f"lr {m['lr']:.2e} | ETA {_fmt_time(eta)}"
+                )
+            if done % eval_every == 0 or done == total:
+                last_eval = trainer.evaluate(eval_loader, use_ema=cfg.optim.ema_decay > 0)
+                writer.write(done, "eval", last_eval)
+                log(
+                    f"eval @ step {done}: top-1 {last_eval['top1']:.4f} top-5 "
+                    f"{last_eval['top5']:.4f} loss {last_eval['loss']:.4f} "
+                    f"({last_eval['count']} images)"
+                )
+            _inject_fault(done)
+            if done % cfg.run.checkpoint_every == 0 or done == total or stop["signal"]:
+                ckpt.save(done, trainer.state, _meta(cfg, done, num_labels))
+            if stop["signal"] is not None:
+                log(f"signal {stop['signal']}: checkpoint saved at step {done}; exiting.")
+                break
+    finally:
+        ckpt.close()
+        writer.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    plot_path = None
+    if is_main and (workdir / "metrics.jsonl").exists():
+        from natjax.train.plot import plot_metrics
+
+        plot_path = plot_metrics(workdir / "metrics.jsonl", workdir / "curves.png")
+        log(
+            f"wrote {workdir / 'metrics.jsonl'}, {plot_path}, "
+            f"TensorBoard events in {workdir / 'tb'}"
+        )
+    return {
+        "step": step + 1 if total > start else start,
+        "eval": last_eval,
+        "workdir": str(workdir),
+        "plot": str(plot_path) if plot_path else None,
+        "interrupted": stop["signal"] is not None,
+    }
+
+
+def evaluate_run(workdir: str, dataset: str | None, split: str | None, data_dir: str | None):
+    """Evaluates the newest checkpoint of a training run.
+
+    Args:
+      workdir: the run folder (holds train_config.json and checkpoints/).
+      dataset, split, data_dir: override the run's eval data (None: keep).
+
+    Returns:
+      {"top1", "top5", "loss", "count"}.
+    """
+    from natjax.train.config import from_dict
+
+    meta_path = Path(workdir) / "train_config.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"--model {workdir!r}: no train_config.json (not a training run).")
+    meta = json.loads(meta_path.read_text())
+    cfg = from_dict(meta["config"])
+    changes = {}
+    if dataset:
+        changes["dataset"] = dataset
+    if split:
+        changes["eval_split"] = split
+    if data_dir:
+        changes["data_dir"] = data_dir
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes))
+    src = data_lib.make_source(cfg.data, cfg.data.eval_split)
+    num_labels = int(meta["num_labels"])
+    if src.num_classes != num_labels:
+        raise ValueError(
+            f"--dataset {cfg.data.dataset!r} has {src.num_classes} classes; "
+            f"the model has {num_labels}."
+        )
+    trainer = Trainer(cfg, mesh_lib.make_mesh(cfg.mesh), num_labels, steps_per_epoch=1)
+    ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
+    try:
+        if not ckpt.steps():
+            raise FileNotFoundError(f"--model {workdir!r}: no checkpoints.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            restored = ckpt.restore_latest(trainer.state)
+        if restored is None:
+            raise ValueError(f"--model {workdir!r}: no checkpoint could be restored.")
+        trainer.state = restored[0]
+    finally:
+        ckpt.close()
+    loader = data_lib.EvalLoader(src, cfg.data, jax.process_index(), jax.process_count())
+    return trainer.evaluate(loader, use_ema=cfg.optim.ema_decay > 0)

@@ -1,0 +1,348 @@
+"""Tests of `natjax train` / `natjax eval`: config, metrics files, augmentations, and end-to-end
+runs of a tiny NAT (2 stages, embed 16, 16x16 digits) in subprocesses: loss decrease,
+SIGTERM/SIGKILL + resume reproducing the uninterrupted losses step for step, 1 vs 8 simulated
+devices (data x fsdp) and restoring that checkpoint onto 4 devices, a corrupted latest
+checkpoint, and tfds mock data through `tfds.data_source`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from natjax.train import config as C
+from natjax.train import metrics as M
+
+TINY = [
+    "model.overrides={'embed_dim': 16, 'depths': (1, 1), 'num_heads': (1, 2), "
+    "'kernel_size': 3, 'drop_path_rate': 0.1}",
+    "model.dtype=float32",
+    "data.digits_size=16",
+    "data.image_size=16",
+    "data.batch_size=16",
+    "data.eval_batch_size=40",
+    "optim.lr=3e-3",
+    "optim.base_batch_size=16",
+    "optim.warmup_epochs=0.05",
+    "optim.epochs=1",
+    "augment.erase_prob=0.25",
+    "run.log_every=1",
+    "run.checkpoint_every=4",
+    "run.eval_every=1000",
+    "run.max_steps=12",
+    "run.progress=false",
+]
+
+
+def _train(workdir: Path, *extra: str, devices: int = 1, fault: str | None = None, code: str = ""):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NATJAX_TRAIN_FAULT")}
+    env["JAX_PLATFORMS"] = "cpu"
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    if fault:
+        env["NATJAX_TRAIN_FAULT"] = fault
+    sets = [a for s in [*TINY, *extra] for a in ("--set", s)]
+    args = ["train", "--workdir", str(workdir), *sets]
+    # `code` may wrap the call (e.g. in tfds mock data); {args} is replaced by the argv list.
+    body = code.format(args=repr(args)) if code else f"sys.exit(main({args!r}))"
+    script = f"import sys\nfrom natjax.cli import main\n{body}"
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    out = {}
+    for rec in M.read_jsonl(workdir / "metrics.jsonl"):
+        if rec["split"] == "train":
+            out[rec["step"]] = rec["loss"]  # the last record per step wins (after a resume)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """12 uninterrupted steps on one device (the baseline the other runs must reproduce)."""
+    workdir = tmp_path_factory.mktemp("ref")
+    proc = _train(workdir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return workdir, _losses(workdir)
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+def test_overrides_parse_with_field_types():
+    cfg = C.apply_overrides(
+        C.load_config(None),
+        [
+            "optim.lr=5e-4",
+            "data.batch_size=32",
+            "run.progress=false",
+            "augment.rrc_scale=0.5,1.0",
+            "data.data_dir=none",
+            "model.overrides={'embed_dim': 8}",
+        ],
+    )
+    assert cfg.optim.lr == 5e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.batch_size == 32 and isinstance(cfg.data.batch_size, int)
+    assert cfg.run.progress is False
+    assert cfg.augment.rrc_scale == (0.5, 1.0)
+    assert cfg.data.data_dir is None
+    assert cfg.model.overrides == (("embed_dim", 8),)
+
+
+@pytest.mark.parametrize(
+    ("item", "match"),
+    [
+        ("optim.lrr=1", "unknown key.*optim.lr"),
+        ("optim.lr=fast", "expected float"),
+        ("optim.grad_accum=3", "must divide data.batch_size"),
+        ("data.batch_size=0", "positive integer"),
+        ("run.progress=maybe", "boolean"),
+        ("optim.lr", "expected key=value"),
+        ("augment.hflip=1.5", "probability"),
+    ],
+)
+def test_bad_overrides_raise_clear_errors(item, match):
+    with pytest.raises(ValueError, match=match):
+        C.apply_overrides(C.load_config(None), [item])
+
+
+def test_experiment_configs_load():
+    root = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+    files = sorted(root.glob("*.py"))
+    assert len(files) >= 7
+    for f in files:
+        cfg = C.load_config(f)
+        assert isinstance(cfg, C.TrainConfig)
+        module_doc = f.read_text().split('"""')[1]
+        assert "natjax train" in module_doc, f
+
+
+def test_recipe_matches_paper():
+    cfg = C.load_config(
+        Path(__file__).resolve().parent.parent / "experiments/configs/nat_tiny_in1k.py"
+    )
+    o, a = cfg.optim, cfg.augment
+    assert (o.lr, o.base_batch_size, o.weight_decay, o.epochs, o.warmup_epochs) == (
+        1e-3,
+        1024,
+        0.05,
+        300,
+        20,
+    )
+    assert (o.warmup_lr, o.min_lr, o.grad_clip) == (1e-6, 5e-6, 5.0)
+    assert (a.label_smoothing, a.randaugment_m, a.randaugment_mstd) == (0.1, 9, 0.5)
+    assert (a.mixup, a.cutmix, a.erase_prob) == (0.8, 1.0, 0.25)
+    assert dict(cfg.model.overrides)["drop_path_rate"] == 0.2
+
+
+def test_weight_decay_mask_skips_rpb_norms_biases():
+    from natjax.train.state import decay_mask
+
+    params = {
+        "attention": {
+            "rpb": np.zeros((2, 5, 5)),
+            "query": {"kernel": np.zeros((4, 4)), "bias": np.zeros(4)},
+        },
+        "layernorm_before": {"scale": np.zeros(4), "bias": np.zeros(4)},
+        "conv": {"kernel": np.zeros((3, 3, 3, 4))},
+    }
+    mask = decay_mask(params)
+    assert mask["attention"]["query"]["kernel"] and mask["conv"]["kernel"]
+    assert not mask["attention"]["rpb"] and not mask["attention"]["query"]["bias"]
+    assert not mask["layernorm_before"]["scale"] and not mask["layernorm_before"]["bias"]
+
+
+# --------------------------------------------------------------------------- metrics files
+
+
+def test_tfevents_records_are_valid(tmp_path):
+    assert M.crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+    w = M.MetricsWriter(tmp_path)
+    w.write(3, "train", {"loss": 1.5})
+    w.close()
+    (events,) = (tmp_path / "tb").iterdir()
+    records = M.read_records(events)
+    assert len(records) == 2
+    assert b"brain.Event:2" in records[0]
+    assert b"train/loss" in records[1]
+    # simple_value (field 2, fixed32) holds 1.5
+    assert b"\x15" + np.float32(1.5).tobytes() in records[1]
+    assert M.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 3, "split": "train", "loss": 1.5}]
+    raw = bytearray(events.read_bytes())
+    raw[-6] ^= 0xFF
+    events.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="CRC"):
+        M.read_records(events)
+
+
+# ---------------------------------------------------------------------------- augmentation
+
+
+def test_host_augment_is_deterministic_per_example():
+    from natjax.train import augment
+
+    aug = C.AugmentConfig(randaugment_m=9, randaugment_n=2)
+    img = (np.arange(20 * 24 * 3) % 251).astype(np.uint8).reshape(20, 24, 3)
+    a = augment.train_transform(img, np.random.default_rng((0, 5, 1)), 16, aug)
+    b = augment.train_transform(img, np.random.default_rng((0, 5, 1)), 16, aug)
+    c = augment.train_transform(img, np.random.default_rng((0, 5, 2)), 16, aug)
+    assert a.shape == (16, 16, 3) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    e = augment.eval_transform(img, 16, 0.875)
+    assert e.shape == (16, 16, 3)
+
+
+def test_mixup_cutmix_targets_are_distributions():
+    import jax
+    import jax.numpy as jnp
+
+    from natjax.train import augment
+
+    x = jnp.arange(4.0)[:, None, None, None] * jnp.ones((4, 8, 8, 3))
+    t = augment.one_hot_smooth(jnp.array([0, 1, 2, 3]), 4, 0.1)
+    for seed in range(3):
+        xm, tm = augment.mixup_cutmix(jax.random.key(seed), x, t, 0.8, 1.0, 0.5)
+        np.testing.assert_allclose(tm.sum(-1), 1.0, rtol=1e-6)
+        # the image mix matches the target mix: mean pixel of image 0 = 3 * weight of class 3
+        np.testing.assert_allclose(xm[0].mean(), 3 * (tm[0, 3] - 0.025) / 0.9, rtol=1e-4)
+    erased = augment.random_erasing(jax.random.key(0), jnp.zeros((8, 16, 16, 3)), 1.0)
+    frac = np.mean(np.asarray(erased) != 0, axis=(1, 2, 3))
+    assert np.all((frac > 0.015) & (frac < 0.34))
+
+
+# ------------------------------------------------------------------------- end-to-end runs
+
+
+def test_loss_decreases_and_outputs_written(reference_run):
+    workdir, losses = reference_run
+    assert sorted(losses) == list(range(1, 13))
+    first = np.mean([losses[s] for s in (1, 2, 3)])
+    last = np.mean([losses[s] for s in (10, 11, 12)])
+    assert last < first - 0.05, losses
+    assert (workdir / "curves.png").stat().st_size > 1000
+    assert any((workdir / "tb").iterdir())
+    evals = [r for r in M.read_jsonl(workdir / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals and evals[-1]["count"] == 360
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [8, 12]  # keep_checkpoints=2
+
+
+def test_sigterm_and_sigkill_then_resume_reproduce_losses(reference_run, tmp_path):
+    _, ref = reference_run
+    # SIGTERM after step 5: saves step 5 and exits cleanly.
+    p1 = _train(tmp_path, fault="term:5")
+    assert p1.returncode == 0, p1.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "5").is_dir()
+    # Rerun resumes at 5; SIGKILL right after step 10 (checkpoint 8 may still be in flight).
+    p2 = _train(tmp_path, fault="kill:10")
+    assert p2.returncode == -9
+    assert "resumed from checkpoint step 5" in p2.stderr
+    p3 = _train(tmp_path)
+    assert p3.returncode == 0, p3.stderr[-3000:]
+    assert "resumed from checkpoint step" in p3.stderr
+    got = _losses(tmp_path)
+    assert sorted(got) == sorted(ref)
+    for step in ref:  # same program, same data, same keys: bitwise identical on CPU
+        assert got[step] == ref[step], (step, got[step], ref[step])
+
+
+def test_eight_devices_match_one_and_restore_onto_four(reference_run, tmp_path):
+    _, ref = reference_run
+    p = _train(tmp_path, "mesh.data=4", "mesh.fsdp=2", "run.max_steps=6", devices=8)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "'data': 4, 'fsdp': 2" in p.stderr
+    p = _train(tmp_path, "mesh.data=2", "mesh.fsdp=2", "run.max_steps=8", devices=4)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from checkpoint step 6" in p.stderr
+    got = _losses(tmp_path)
+    assert sorted(got) == list(range(1, 9))
+    for step in got:  # different reduction order across shards: close, not bitwise
+        np.testing.assert_allclose(got[step], ref[step], rtol=2e-4, err_msg=f"step {step}")
+
+
+def test_corrupted_latest_checkpoint_falls_back_and_eval_cli(reference_run, tmp_path):
+    from natjax.cli import main
+
+    src, _ = reference_run
+    workdir = tmp_path / "run"
+    shutil.copytree(src, workdir)
+    # Damage checkpoint 12: truncate every array data file.
+    damaged = 0
+    for f in (workdir / "checkpoints" / "12" / "state").rglob("*"):
+        if f.is_file() and "d" in f.parent.name and f.parent.name != "state":
+            f.write_bytes(f.read_bytes()[:10])
+            damaged += 1
+    assert damaged
+    with pytest.warns(UserWarning, match="step 12 .* incomplete or corrupted"):
+        rc = main(["eval", "--model", str(workdir)])
+    assert rc == 0
+    assert main(["eval", "--model", str(tmp_path / "nope")]) == 2
+
+
+def test_tfds_mock_data_source(tmp_path):
+    code = (
+        "import tensorflow_datasets as tfds\n"
+        "with tfds.testing.mock_data(num_examples=48, "
+        "policy=tfds.testing.MockPolicy.USE_CODE):\n"
+        "    rc = main({args})\n"
+        "assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'\n"
+        "sys.exit(rc)"
+    )
+    p = _train(
+        tmp_path,
+        "data.dataset=mnist",
+        "data.eval_split=test",
+        "run.max_steps=3",
+        "data.num_workers=2",
+        code=code,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    evals = [r for r in M.read_jsonl(tmp_path / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals[-1]["count"] == 48
+    assert np.isfinite(_losses(tmp_path)[3])
+    cfg = json.loads((tmp_path / "train_config.json").read_text())
+    assert cfg["num_labels"] == 10
+
+
+def test_two_processes_with_jax_distributed_match_one(reference_run, tmp_path):
+    import portpicker
+
+    _, ref = reference_run
+    port = portpicker.pick_unused_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NATJAX_TRAIN_FAULT")}
+    env["JAX_PLATFORMS"] = "cpu"
+    sets = [a for s in [*TINY, "run.max_steps=4"] for a in ("--set", s)]
+    procs = []
+    for pid in range(2):
+        args = ["train", "--workdir", str(tmp_path), *sets]
+        args += ["--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2"]
+        args += ["--process-id", str(pid)]
+        script = f"import sys\nfrom natjax.cli import main\nsys.exit(main({args!r}))"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", script],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    assert "'data': 2" in outs[0][1]
+    got = _losses(tmp_path)
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        np.testing.assert_allclose(got[step], ref[step], rtol=2e-4, err_msg=f"step {step}")
+    assert (tmp_path / "checkpoints" / "4").is_dir()
