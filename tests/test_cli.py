@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from golden import golden_dir, golden_file
 from PIL import Image
 from safetensors.numpy import load_file
 
@@ -16,22 +17,7 @@ from natjax.cli import main
 from natjax.convert.torch_zip import load_torch_state_dict
 from natjax.predict import IMAGENET_MEAN, IMAGENET_STD, preprocess
 
-ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--attention", "reference"]  # quickest to compile on CPU; backends are tested elsewhere
-
-
-def golden_file(name: str, filename: str = "config.json") -> Path:
-    """A golden model file: the project copy (tests/data/models) if present, else the shared
-    reference data (../shared/golden), which also holds the torch files not copied here."""
-    for base in (ROOT / "tests" / "data" / "models", ROOT.parent / "shared" / "golden"):
-        if (base / name / filename).is_file():
-            return base / name / filename
-    pytest.fail(f"golden {name}/{filename} not found under tests/data/models or ../shared/golden")
-
-
-def golden_dir(name: str) -> Path:
-    """Folder holding the golden model's config.json, model.safetensors and expected.npz."""
-    return golden_file(name).parent
 
 
 def run(capsys, *argv) -> tuple[int, str, str]:

@@ -3,12 +3,12 @@ bit-exact export round trips, natjax checkpoints, and the errors for bad inputs.
 
 import json
 import shutil
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from golden import golden_dir, golden_file
 from safetensors.numpy import load_file, save_file
 
 import natjax
@@ -16,27 +16,11 @@ from natjax.convert.checkpoint import nnx_flat_state
 from natjax.convert.original import hf_to_original, is_original_layout, original_to_hf
 from natjax.convert.torch_zip import load_torch_state_dict
 
-ROOT = Path(__file__).resolve().parent.parent
-
 # name -> (family, input size used here; the models' own tests cover every size)
 # The dense reference attention compiles fastest on CPU; the backends are tested elsewhere. Passing
 # it also checks that from_pretrained forwards model keywords.
 FAST = {"attention_implementation": "reference"}
 GOLDEN = {"nat_rand": ("nat", "64x64"), "dinat_rand": ("dinat", "96x96")}
-
-
-def golden_file(name: str, filename: str = "config.json") -> Path:
-    """A golden model file: the project copy (tests/data/models) if present, else the shared
-    reference data (../shared/golden), which also holds the torch files not copied here."""
-    for base in (ROOT / "tests" / "data" / "models", ROOT.parent / "shared" / "golden"):
-        if (base / name / filename).is_file():
-            return base / name / filename
-    pytest.fail(f"golden {name}/{filename} not found under tests/data/models or ../shared/golden")
-
-
-def golden_dir(name: str) -> Path:
-    """Folder holding the golden model's config.json, model.safetensors and expected.npz."""
-    return golden_file(name).parent
 
 
 def assert_same_state(got: dict, want: dict) -> None:

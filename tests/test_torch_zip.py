@@ -18,6 +18,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
+from golden import golden_dir, golden_file
 from safetensors.numpy import load_file
 
 from natjax.convert import torch_zip
@@ -27,22 +28,6 @@ from natjax.convert.torch_zip import (
     save_torch_state_dict,
     select_state_dict,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def golden_file(name: str, filename: str = "config.json") -> Path:
-    """A golden model file: the project copy (tests/data/models) if present, else the shared
-    reference data (../shared/golden), which also holds the torch files not copied here."""
-    for base in (ROOT / "tests" / "data" / "models", ROOT.parent / "shared" / "golden"):
-        if (base / name / filename).is_file():
-            return base / name / filename
-    pytest.fail(f"golden {name}/{filename} not found under tests/data/models or ../shared/golden")
-
-
-def golden_dir(name: str) -> Path:
-    """Folder holding the golden model's config.json, model.safetensors and expected.npz."""
-    return golden_file(name).parent
 
 
 # ------------------------------------------------------------------------ fake torch (tests)
