@@ -49,31 +49,37 @@ def _grads(fn, q, k, v, rpb, d_out):
 # Tile-boundary cases: sizes that are not multiples of the tile, kernel == size, dilation groups
 # of unequal length, causal axes, a tile larger than the map, several tiles per group.
 _BOUNDARY = [
-    # spatial, kernel, dilation, causal, block_q, head_dim
-    ((11, 13), (3, 5), (1, 1), (False, False), (2, 8), 8),
-    ((13, 10), (5, 3), (2, 3), (False, True), (2, 8), 16),
-    ((7, 9), (7, 9), (1, 1), (False, False), (4, 8), 8),
-    ((12, 17), (3, 3), (4, 5), (True, False), (1, 16), 4),
-    ((37,), (7,), (5,), (True,), (16,), 8),
-    ((29,), (13,), (2,), (False,), (16,), 24),
-    ((5, 6, 7), (3, 5, 3), (1, 1, 2), (False, True, False), (1, 2, 8), 8),
+    # spatial, kernel, dilation, causal, block_q, keys_per_step, head_dim
+    ((11, 13), (3, 5), (1, 1), (False, False), (2, 8), 64, 8),
+    ((13, 10), (5, 3), (2, 3), (False, True), (2, 8), 16, 16),
+    ((7, 9), (7, 9), (1, 1), (False, False), (4, 8), 128, 8),
+    ((12, 17), (3, 3), (4, 5), (True, False), (1, 16), 32, 4),
+    ((37,), (7,), (5,), (True,), (16,), 64, 8),
+    ((29,), (13,), (2,), (False,), (16,), 16, 24),
+    ((5, 6, 7), (3, 5, 3), (1, 1, 2), (False, True, False), (1, 2, 8), 64, 8),
 ]
 
 
-@pytest.mark.parametrize("spatial,kernel,dilation,causal,block,head_dim", _BOUNDARY)
-def test_tile_boundaries_match_reference(spatial, kernel, dilation, causal, block, head_dim):
+@pytest.mark.parametrize("spatial,kernel,dilation,causal,block,kps,head_dim", _BOUNDARY)
+def test_tile_boundaries_match_reference(spatial, kernel, dilation, causal, block, kps, head_dim):
     ndim = len(spatial)
     case = dict(spatial=spatial, kernel_size=kernel, dilation=dilation, is_causal=causal,
                 rpb=True, batch=1, heads=2, head_dim=head_dim, seed=sum(spatial))  # fmt: skip
     q, k, v, rpb, d_out = make_inputs(case)
     params = make_params(ndim, spatial, head_dim, kernel, dilation, causal, None)
-    config = NATileConfig(block_q=block)
+    config = NATileConfig(block_q=block, keys_per_step=kps)
     got = _grads(lambda *a: na_pallas(*a, params, config=config), q, k, v, rpb, d_out)
     want = _grads(lambda *a: na_reference(*a, params), q, k, v, rpb, d_out)
     for name, g, w in zip(("out", "lse"), got[:2], want[:2], strict=True):
         assert_close(g, w, 2e-5, 2e-5, f"{name} {case}")
     for name, g, w in zip(("dq", "dk", "dv", "drpb"), got[2], want[2], strict=True):
         assert_close(g, w, 2e-5, 2e-5, f"{name} {case}")
+    # Without a bias the dq kernel takes several halo rows per step too.
+    got = _grads(lambda *a: na_pallas(*a, params, config=config), q, k, v, None, d_out)
+    want = _grads(lambda *a: na_reference(*a, params), q, k, v, None, d_out)
+    names = ("out", "lse", "dq", "dk", "dv")
+    for name, g, w in zip(names, got[:2] + got[2], want[:2] + want[2], strict=True):
+        assert_close(g, w, 2e-5, 2e-5, f"{name} (no rpb) {case}")
 
 
 def test_lowers_to_triton_for_cuda():
@@ -110,7 +116,8 @@ def test_tile_config_validation():
     assert NATileConfig(block_q=(8, 8)).num_warps == 4
     for bad in [dict(block_q=(8, 6)), dict(block_q=(2, 4)), dict(block_q=(32, 32)),
                 dict(block_q=[8, 8]), dict(block_q=(8, 8), num_warps=3),
-                dict(block_q=(8, 8), num_stages=0)]:  # fmt: skip
+                dict(block_q=(8, 8), num_stages=0), dict(block_q=(8, 8), keys_per_step=24),
+                dict(block_q=(8, 8), keys_per_step=512)]:  # fmt: skip
         with pytest.raises(ValueError):
             NATileConfig(**bad)
     for ndim, kernel in ((1, 7), (2, 7), (2, 13), (3, 3), (3, 11)):

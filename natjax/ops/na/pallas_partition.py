@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 _FACTORS = {"x": "b n h d", "row": "b n h", "rpb": "h r", "drpb": "b h o u"}
@@ -46,10 +46,16 @@ def _batch_head_axes(sharding, ndim: int):
 
 
 def _explicit_mesh(x):
-    """(mesh, batch axes, head axes) when `x` carries an explicit sharding, else None."""
+    """(mesh, batch axes, head axes) when `x`'s type carries an explicit-axes mesh, else None.
+
+    With explicit axes the sharding is part of the type (even when replicated), and
+    `pallas_call` cannot take such operands directly: they go through `shard_map`.
+    """
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or mesh.empty or not any(sharding.spec):
+    if mesh is None or mesh.empty:
+        return None
+    if not any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
         return None
     batch, head = _batch_head_axes(sharding, x.ndim)
     return mesh, batch, head

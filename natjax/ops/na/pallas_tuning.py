@@ -36,11 +36,15 @@ class NATileConfig:
         product must lie in [16, 256].
       num_warps: Triton warps per program (1, 2, 4, 8 or 16).
       num_stages: Triton software-pipelining stages (>= 1).
+      keys_per_step: keys scored per inner-loop matmul (a power of two in [16, 256]); the loop
+        takes `keys_per_step // halo_row` halo rows at a time (one row in the bias-gradient
+        kernel).
     """
 
     block_q: tuple[int, ...]
     num_warps: int = 4
     num_stages: int = 2
+    keys_per_step: int = 64
 
     def __post_init__(self):
         block = self.block_q
@@ -60,6 +64,12 @@ class NATileConfig:
             raise ValueError(f"`num_warps` must be one of {_WARPS}, got {self.num_warps!r}.")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"`num_stages` must be an int >= 1, got {self.num_stages!r}.")
+        kps = self.keys_per_step
+        if not (isinstance(kps, int) and _is_pow2(kps) and _MIN_TILE <= kps <= _MAX_TILE):
+            raise ValueError(
+                f"`keys_per_step` must be a power of two in [{_MIN_TILE}, {_MAX_TILE}], "
+                f"got {kps!r}."
+            )
 
 
 def default_config(params: NAParams, head_dim: int, dtype) -> NATileConfig:
