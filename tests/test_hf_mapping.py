@@ -120,7 +120,9 @@ def test_half_precision_sources_are_cast_to_param_dtype():
     hf_to_nnx(model, half)
     kernel = model.classifier.kernel.get_value()
     assert kernel.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(kernel), state["classifier.weight"].astype(np.float16).T)
+    np.testing.assert_array_equal(
+        np.asarray(kernel), state["classifier.weight"].astype(np.float16).T
+    )
     bf16 = _abstract(NatForImageClassification, config, param_dtype=jnp.bfloat16)
     hf_to_nnx(bf16, state)
     assert bf16.classifier.kernel.get_value().dtype == jnp.bfloat16

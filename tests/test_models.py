@@ -150,9 +150,7 @@ def test_from_hf_config_golden(name):
         assert got == (tuple(want) if isinstance(want, list) else want), key
     assert config.out_features == tuple(raw["out_features"])
     assert config.num_labels == len(raw.get("id2label", {0: 0, 1: 1}))
-    exported = config.to_hf_config(
-        "backbone" if "backbone" in name else "classification"
-    )
+    exported = config.to_hf_config("backbone" if "backbone" in name else "classification")
     assert exported["architectures"] == raw["architectures"]
     for key in raw:
         if key not in ("transformers_version",):
@@ -207,10 +205,15 @@ def test_config_normalises_and_derives():
 
 
 # ---------------------------------------------------------------------------- training features
-TINY = NatConfig(embed_dim=8, depths=(1, 2, 1, 1), num_heads=(1, 2, 2, 2), kernel_size=3,
+TINY = NatConfig(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 2), kernel_size=3,
                  mlp_ratio=2.0, num_labels=3, drop_path_rate=0.5, hidden_dropout_prob=0.1,
                  layer_scale_init_value=0.5)  # fmt: skip
 TINY_IMAGES = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+
+
+def _key(seed):
+    # "rbg" keys compile several times faster than threefry on CPU; the model takes any key.
+    return jax.random.key(seed, impl="rbg")
 
 
 def _tiny(remat=False, seed=0):
@@ -227,65 +230,69 @@ def test_dropout_and_drop_path_are_active_only_in_training():
     model = _tiny()
     run = nnx.jit(lambda m, x, key: m(x, deterministic=False, rngs=key).logits)
     eval_logits = nnx.jit(lambda m, x: m(x).logits)(model, TINY_IMAGES)
-    a = run(model, TINY_IMAGES, jax.random.key(0))
-    b = run(model, TINY_IMAGES, jax.random.key(0))
-    c = run(model, TINY_IMAGES, jax.random.key(1))
+    a = run(model, TINY_IMAGES, _key(0))
+    b = run(model, TINY_IMAGES, _key(0))
+    c = run(model, TINY_IMAGES, _key(1))
     np.testing.assert_array_equal(a, b)  # same key, same masks
     assert not np.allclose(a, eval_logits) and not np.allclose(a, c)
+    assert np.all(np.isfinite(a))
     with pytest.raises(ValueError, match="rngs"):
         model(TINY_IMAGES, deterministic=False)
-    hidden = model(TINY_IMAGES, deterministic=False, rngs=nnx.Rngs(dropout=3)).logits
-    assert hidden.shape == (2, 3) and np.all(np.isfinite(hidden))
 
 
 def test_gradient_step_changes_parameters_and_remat_matches():
     labels = jnp.array([0, 2])
-    plain, remat = _tiny(), _tiny(remat=True)
-    nnx.update(remat, nnx.state(plain, nnx.Param))
 
     @nnx.jit
-    def grads(model, key):
-        return nnx.value_and_grad(_loss)(model, TINY_IMAGES, labels, key)
+    def step(model, optimizer, rngs):
+        loss, grads = nnx.value_and_grad(_loss)(model, TINY_IMAGES, labels, rngs)
+        optimizer.update(model, grads)
+        return loss, grads
 
-    loss_a, grad_a = grads(plain, jax.random.key(7))
-    loss_b, grad_b = grads(remat, jax.random.key(7))
+    plain, remat = _tiny(), _tiny(remat=True, seed=1)
+    nnx.update(remat, nnx.state(plain, nnx.Param))
+    before = jax.tree.map(np.asarray, nnx.state(plain, nnx.Param))
+    results = []
+    for model in (plain, remat):
+        optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+        results.append(step(model, optimizer, nnx.Rngs(dropout=_key(7))))  # same dropout masks
+    (loss_a, grad_a), (loss_b, grad_b) = results
+    assert np.isfinite(loss_a)
     np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
                  grad_a, grad_b)  # fmt: skip
     rpb_grad = grad_a["nat"]["encoder"]["levels"][0]["layers"][0]["attention"]["rpb"]
     assert float(jnp.abs(rpb_grad[...]).sum()) > 0
-
-    optimizer = nnx.Optimizer(plain, optax.sgd(0.1), wrt=nnx.Param)
-    before = jax.tree.map(np.asarray, nnx.state(plain, nnx.Param))
-
-    @nnx.jit
-    def step(model, optimizer, key):
-        loss, g = nnx.value_and_grad(_loss)(model, TINY_IMAGES, labels, key)
-        optimizer.update(model, g)
-        return loss
-
-    assert np.isfinite(step(plain, optimizer, jax.random.key(7)))
     after = nnx.state(plain, nnx.Param)
-    changed = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after))
-    assert all(changed), f"{changed.count(False)} parameters did not move"
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: not np.array_equal(a, b), before, after))
+    nonzero = jax.tree.leaves(jax.tree.map(lambda g: bool(jnp.any(g != 0)), grad_a))
+    # SGD moves exactly the parameters with a gradient; drop path (rate up to 0.5, batch 2) may
+    # cut a few branches off entirely for this key, the rest must all move.
+    assert moved == nonzero
+    assert sum(moved) > 0.75 * len(moved), f"only {sum(moved)} of {len(moved)} moved"
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
+                 after, nnx.state(remat, nnx.Param))  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------- interface
 def test_outputs_shapes_any_size_and_input_checks():
-    config = TINY.replace(drop_path_rate=0.0, hidden_dropout_prob=0.0)
-    trunk = NatModel(config, rngs=nnx.Rngs(0), attention_implementation="reference")
-    out = trunk(jnp.ones((1, 45, 19, 3)), output_hidden_states=True)
+    config = NatConfig(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), kernel_size=3,
+                       num_labels=0, drop_path_rate=0.0)  # fmt: skip
+    kw = dict(rngs=nnx.Rngs(0), attention_implementation="reference")
+    trunk = NatModel(config, **kw)
+    out = _forward(trunk, jnp.ones((1, 45, 19, 3)))
     assert out.last_hidden_state.shape == (1, 2, 1, 64) and out.pooler_output.shape == (1, 64)
     assert [h.shape[1:3] for h in out.hidden_states] == [(12, 5), (6, 3), (3, 2), (2, 1), (2, 1)]
-    assert trunk(jnp.ones((1, 45, 19, 3))).hidden_states is None
+    assert [h.shape[1] for h in out.reshaped_hidden_states] == [8, 16, 32, 64, 64]
     with pytest.raises(ValueError, match="channels-last"):
         trunk(jnp.ones((1, 3, 32, 32)))
-    backbone = NatBackbone(config.replace(out_features=("stem", "stage2")), rngs=nnx.Rngs(0),
-                           attention_implementation="reference")  # fmt: skip
-    maps = backbone(jnp.ones((1, 32, 32, 3))).feature_maps
-    assert [m.shape for m in maps] == [(1, 8, 8, 8), (1, 16, 4, 4)] and backbone.channels == (8, 16)
-    headless = NatForImageClassification(config.replace(num_labels=0), rngs=nnx.Rngs(0))
-    assert headless.classifier is None
+    backbone = NatBackbone(config.replace(out_features=("stem", "stage2")), **kw)
+    assert backbone.config.out_indices == (0, 2) and backbone.channels == (8, 16)
+    out = _forward(backbone, jnp.ones((1, 32, 32, 3)))
+    assert [m.shape for m in out.feature_maps] == [(1, 8, 8, 8), (1, 16, 4, 4)]
+    assert [h.shape[1:3] for h in out.hidden_states] == [(8, 8), (8, 8), (4, 4), (2, 2), (1, 1)]
+    headless = NatForImageClassification(config, rngs=nnx.Rngs(0))
+    assert headless.classifier is None and headless.config is headless.nat.config
 
 
 def test_parameters_carry_logical_sharding_names():
@@ -304,5 +311,7 @@ def test_parameters_carry_logical_sharding_names():
     specs = nnx.get_partition_spec(nnx.state(model, nnx.Param))
     assert all(
         leaf is not None
-        for leaf in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+        for leaf in jax.tree.leaves(
+            specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+        )
     )

@@ -138,7 +138,8 @@ class NatConfig:
       out_features, out_indices: backbone outputs, names from `stage_names` ("stem", "stage1",
         ...) and their indices; either may be given, the other is derived (default: last stage).
       num_labels: classifier outputs (0 = no classifier head, pooled features are returned).
-      id2label: class names in index order (a `{index: name}` mapping is accepted).
+      id2label: class names in index order (a `{index: name}` mapping is accepted); None means
+        Hugging Face's placeholders "LABEL_0", "LABEL_1", ...
     """
 
     model_type: str = "nat"
@@ -240,6 +241,8 @@ class NatConfig:
             raise _bad("num_labels", num, "an int >= 0")
         if labels is not None and len(labels) != num:
             raise _bad("id2label", labels, f"{num} names (num_labels)")
+        if labels == tuple(f"LABEL_{i}" for i in range(num)):
+            labels = None  # Hugging Face's placeholder names; None stands for them.
         object.__setattr__(self, "id2label", labels)
         object.__setattr__(self, "num_labels", num)
 
@@ -306,7 +309,17 @@ class NatConfig:
         return tuple(self.drop_path_rate * i / (n - 1) for i in range(n))
 
     def replace(self, **changes: Any) -> NatConfig:
-        """A copy with `changes` applied (validated again)."""
+        """A copy with `changes` applied (validated again).
+
+        Changing only one of `out_features` / `out_indices` re-derives the other,
+        and changing only `num_labels` drops `id2label`, instead of reporting a conflict.
+        """
+        if "out_features" in changes:
+            changes.setdefault("out_indices", None)
+        if "out_indices" in changes and "out_features" not in changes:
+            changes["out_features"] = None
+        if "num_labels" in changes:
+            changes.setdefault("id2label", None)
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------------ Hugging Face format
