@@ -232,35 +232,37 @@ class NABackendTests:
             os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
             import jax, jax.numpy as jnp, numpy as np, natjax
             from jax.sharding import NamedSharding, PartitionSpec as P
-            mesh = jax.make_mesh((4, 2), ("data", "model"))
+            from jax.sharding import AxisType
             rng = np.random.default_rng(0)
             shape = (8, 10, 9, 4, 8)
             q, k, v = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(3))
             rpb = jnp.asarray(rng.standard_normal((4, 5, 5)), jnp.float32)
-            xs = NamedSharding(mesh, P("data", None, None, "model", None))
-            rs = NamedSharding(mesh, P("model"))
             impl = {self.implementation!r}
             def f(q, k, v, rpb):
                 return natjax.na2d(q, k, v, 3, (1, 2), (False, True), rpb=rpb,
                                    implementation=impl)
             def loss(q, k, v, rpb):
                 return jnp.sum(f(q, k, v, rpb) ** 2)
-            args = [jax.device_put(x, s) for x, s in zip((q, k, v, rpb), (xs, xs, xs, rs))]
-            fwd = jax.jit(f, in_shardings=(xs, xs, xs, rs), out_shardings=xs)
-            bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)),
-                          in_shardings=(xs, xs, xs, rs), out_shardings=(xs, xs, xs, rs))
-            for name, fn in (("fwd", fwd), ("bwd", bwd)):
-                hlo = fn.lower(*args).compile().as_text()
-                assert "all-gather" not in hlo, name + " has an all-gather"
-                assert "all-to-all" not in hlo, name + " has an all-to-all"
-            out = fwd(*args)
-            assert out.sharding.is_equivalent_to(xs, out.ndim), out.sharding
             want = f(q, k, v, rpb)
-            np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
-            g = bwd(*args)
             g0 = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, rpb)
-            for a, b in zip(g, g0):
-                np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+            # Both mesh kinds: explicit axes (jax.make_mesh's default) and auto (GSPMD).
+            for kind in (AxisType.Explicit, AxisType.Auto):
+                mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+                xs = NamedSharding(mesh, P("data", None, None, "model", None))
+                rs = NamedSharding(mesh, P("model"))
+                args = [jax.device_put(x, s) for x, s in zip((q, k, v, rpb), (xs, xs, xs, rs))]
+                fwd = jax.jit(f, in_shardings=(xs, xs, xs, rs), out_shardings=xs)
+                bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)),
+                              in_shardings=(xs, xs, xs, rs), out_shardings=(xs, xs, xs, rs))
+                for name, fn in (("fwd", fwd), ("bwd", bwd)):
+                    hlo = fn.lower(*args).compile().as_text()
+                    assert "all-gather" not in hlo, f"{{kind}} {{name}} has an all-gather"
+                    assert "all-to-all" not in hlo, f"{{kind}} {{name}} has an all-to-all"
+                out = fwd(*args)
+                assert out.sharding.is_equivalent_to(xs, out.ndim), out.sharding
+                np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+                for a, b in zip(bwd(*args), g0):
+                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
             print("SHARDING_OK")
             """
         )

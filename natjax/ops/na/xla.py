@@ -7,9 +7,9 @@ Layout and plan (all index structure is static numpy, computed at trace time):
    an independent sub-map (NATTEN's dilation groups), so the axis is reshaped to `[rows, d]`, the
    group axis folded into the batch, and each group runs with dilation 1. Groups of unequal length
    (`L % d != 0`) form two classes that run as separate calls (`_DilationSplit`).
-3. With dilation 1, every axis but the last is handled by a static loop over kernel offsets: the
-   shifted keys for offset `a` are `k[window_start(i) + a]`, which is a few static slices and
-   broadcasts (`StaticTake`), never a gather.
+3. With dilation 1, every axis but the last is handled by a loop (`fori_loop`) over kernel
+   offsets: the shifted keys for offset `a` are `k[window_start(i) + a]`, a few slices and
+   broadcasts (`OuterShift`), never a gather. A rolled loop reuses one iteration's temporaries.
 4. The last axis is blocked into tiles of `T` queries whose keys lie in a `T + K - 1` halo; one
    batched matmul per tile gives `[T, T + K - 1]` scores, and a pad/reshape "skew" extracts the
    `[T, K]` band (`LastAxisBand`). Border queries, whose windows NATTEN shifts inwards, are
@@ -27,7 +27,6 @@ Residuals are only `q, k, v, rpb, out, lse`.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
 import jax
@@ -35,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natjax.ops.na.spec import NAParams, axis_windows
-from natjax.ops.na.xla_blocks import LastAxisBand, StaticTake
+from natjax.ops.na.xla_blocks import LastAxisBand, OuterShift
 
 # --------------------------------------------------------------------------------------------
 # Dilation groups.
@@ -126,12 +125,14 @@ class _Core:
             axis_windows(n, k, 1, c)
             for n, k, c in zip(spatial, kernel_size, is_causal, strict=True)
         ]
-        # Outer axes: one static take per kernel offset.
-        self.outer_takes = [
-            [StaticTake(2 + ax, np.where(w.valid[:, a], w.key[:, a], -1)) for a in range(k)]
-            for ax, (w, k) in enumerate(zip(wins[:-1], kernel_size[:-1], strict=True))
+        # Outer axes: shifted copies per kernel offset, looped over in row-major KV order.
+        self.outer = [
+            OuterShift(2 + ax, n, k, c)
+            for ax, (n, k, c) in enumerate(
+                zip(spatial[:-1], kernel_size[:-1], is_causal[:-1], strict=True)
+            )
         ]
-        self.outer_offsets = list(itertools.product(*[range(k) for k in kernel_size[:-1]]))
+        self.n_outer = math.prod(kernel_size[:-1])
         self.band = LastAxisBand(
             spatial[-1], kernel_size[-1], is_causal[-1], math.prod(kernel_size)
         )
@@ -161,50 +162,64 @@ class _Core:
 
     # -- helpers over the offset loop ------------------------------------------------------
 
-    def _shifted(self, x):
-        """Yields `x` shifted along the outer axes for every outer offset tuple, in KV order."""
-        if not self.outer_takes:
-            yield x
-            return
-        cache = {(): x}
-        for offs in self.outer_offsets:
-            for depth in range(1, len(offs) + 1):
-                key = offs[:depth]
-                if key not in cache:
-                    cache[key] = self.outer_takes[depth - 1][offs[depth - 1]](cache[key[:-1]])
-            yield cache[offs]
-
-    def _unshift(self, x, offs, shape, dtype):
-        """Transpose of `_shifted` for one offset tuple (pads and adds, no scatter)."""
-        for depth in reversed(range(len(offs))):
-            x = self.outer_takes[depth][offs[depth]].transpose(x, shape, dtype)
+    def _prepare(self, x):
+        for shift in self.outer:
+            x = shift.prepare(x)
         return x
 
-    def _split_kv(self, x):
-        """`[..., KV]` -> list over outer offsets of `[..., K_last]` views."""
-        k_last = self.kernel_size[-1]
-        return [x[..., i * k_last : (i + 1) * k_last] for i in range(len(self.outer_offsets))]
+    def _shift(self, xp, i):
+        """`xp` (prepared) shifted along every outer axis for flat outer offset `i` (traced)."""
+        for shift in reversed(self.outer):
+            xp = shift(xp, i % shift.K)
+            i = i // shift.K
+        return xp
+
+    def _unshift(self, ct, i):
+        """Transpose of `_shift(_prepare(.), i)`: the inverse neighborhood, pads and adds."""
+        fn = lambda x: self._shift(self._prepare(x), i)
+        primal = jax.ShapeDtypeStruct(ct.shape, ct.dtype, sharding=jax.typeof(ct).sharding)
+        (x,) = jax.linear_transpose(fn, primal)(ct)
+        return x
+
+    def _per_outer(self, p):
+        """`[..., KV]` -> `[..., n_outer, K_last]`."""
+        return p.reshape(p.shape[:-1] + (self.n_outer, self.kernel_size[-1]))
 
     def qk(self, a, b):
         """scores[..., i, o] = a[i] . b[key(i, o)], `[B, h, *S, KV]`."""
-        parts = [self.band.qk(a, bs) for bs in self._shifted(b)]
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=-1)
+        if not self.outer:
+            return self.band.qk(a, b)
+        bp = self._prepare(b)
+
+        def step(carry, i):
+            return carry, self.band.qk(a, self._shift(bp, i))
+
+        _, scores = jax.lax.scan(step, None, jnp.arange(self.n_outer))  # [n_outer, ..., K_last]
+        return jnp.moveaxis(scores, 0, -2).reshape(a.shape[:-1] + (-1,))
 
     def av(self, p, v):
         """out[i] = sum_o p[i, o] v[key(i, o)]."""
-        out = None
-        for po, vs in zip(self._split_kv(p), self._shifted(v), strict=True):
-            term = self.band.av(po, vs)
-            out = term if out is None else out + term
-        return out
+        if not self.outer:
+            return self.band.av(p, v)
+        p, vp = self._per_outer(p), self._prepare(v)
+
+        def body(i, acc):
+            p_i = jax.lax.dynamic_index_in_dim(p, i, axis=-2, keepdims=False)
+            return acc + self.band.av(p_i, self._shift(vp, i))
+
+        return jax.lax.fori_loop(0, self.n_outer, body, jnp.zeros_like(v, dtype=p.dtype))
 
     def av_t(self, p, a):
         """out[j] = sum over (i, o) with key(i, o) = j of p[i, o] a[i] (inverse neighborhood)."""
-        out = None
-        for po, offs in zip(self._split_kv(p), self.outer_offsets, strict=True):
-            term = self._unshift(self.band.av_t(po, a), offs, a.shape, a.dtype)
-            out = term if out is None else out + term
-        return out
+        if not self.outer:
+            return self.band.av_t(p, a)
+        p = self._per_outer(p)
+
+        def body(i, acc):
+            p_i = jax.lax.dynamic_index_in_dim(p, i, axis=-2, keepdims=False)
+            return acc + self._unshift(self.band.av_t(p_i, a), i)
+
+        return jax.lax.fori_loop(0, self.n_outer, body, jnp.zeros_like(a, dtype=p.dtype))
 
     def bias(self, rpb):
         """`[h, *S, KV]` bias from `rpb[h, *(2K-1)]` (a product of one-hot matrices)."""

@@ -1,7 +1,7 @@
 """Gather-free building blocks of the XLA neighborhood-attention path.
 
-* `StaticTake`: `x[idx]` along one axis for a static index vector, lowered to slices, broadcasts
-  and zeros (runs of consecutive / repeated indices). Its transpose is pads and adds.
+* `OuterShift`: the keys of kernel offset `a` along an outer axis, `x[window_start(i) + a]`, as
+  dynamic slices and broadcasts (never a gather); its transpose is pads and adds.
 * `LastAxisBand`: the three banded products along the last spatial axis, for dilation 1:
     qk:   s[i, o]  = a[i] . b[key(i, o)]
     av:   y[i]     = sum_o p[i, o] b[key(i, o)]
@@ -14,74 +14,47 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
-class StaticTake:
-    """`x[idx]` along `axis` for a static int vector `idx` (-1 selects zeros), without gathers.
+class OuterShift:
+    """Shifted copies `x[window_start(i) + a]` along one outer spatial axis, dilation 1.
+
+    The kernel offset `a` may be traced, so the offset loop is a `fori_loop` whose body is traced
+    once and whose temporaries are reused across iterations. Non-causal (NATTEN's windows shifted
+    inwards at the borders): the first/last `K // 2` rows repeat rows `a` and `L - K + a`, the rest
+    is the contiguous slice starting at `a`. Causal: a slice of the input zero-padded by `K - 1`
+    rows in front (`prepare`), so positions before the start read zeros (they are masked).
 
     Args:
-      axis: array axis to index.
-      idx: 1-D int numpy array; output length is `len(idx)`.
+      axis: array axis.
+      length: axis length `L`.
+      kernel_size: window `K`.
+      causal: causal window.
     """
 
-    def __init__(self, axis: int, idx: np.ndarray):
-        self.axis = axis
-        self.length = len(idx)
-        # Decompose into runs: ("slice", start, n), ("repeat", index, n) or ("zero", n).
-        runs: list[tuple] = []
-        i = 0
-        while i < len(idx):
-            j = i + 1
-            if idx[i] < 0:
-                while j < len(idx) and idx[j] < 0:
-                    j += 1
-                runs.append(("zero", 0, j - i))
-            elif j < len(idx) and idx[j] == idx[i]:
-                while j < len(idx) and idx[j] == idx[i]:
-                    j += 1
-                runs.append(("repeat", int(idx[i]), j - i))
-            else:
-                while j < len(idx) and idx[j] == idx[j - 1] + 1 and idx[j - 1] >= 0:
-                    j += 1
-                runs.append(("slice", int(idx[i]), j - i))
-            i = j
-        self.runs = runs
+    def __init__(self, axis: int, length: int, kernel_size: int, causal: bool):
+        self.axis, self.L, self.K, self.causal = axis, length, kernel_size, causal
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        parts = []
-        for kind, start, n in self.runs:
-            if kind == "slice":
-                parts.append(jax.lax.slice_in_dim(x, start, start + n, axis=self.axis))
-            else:
-                shape = list(x.shape)
-                shape[self.axis] = n
-                if kind == "zero":
-                    parts.append(jnp.zeros(shape, x.dtype))
-                else:
-                    row = jax.lax.slice_in_dim(x, start, start + 1, axis=self.axis)
-                    parts.append(jnp.broadcast_to(row, shape))
-        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=self.axis)
+    def prepare(self, x: jax.Array) -> jax.Array:
+        """Loop-invariant part: the zero padding of causal axes."""
+        if not self.causal:
+            return x
+        pad = [(0, 0)] * x.ndim
+        pad[self.axis] = (self.K - 1, 0)
+        return jnp.pad(x, pad)
 
-    def transpose(self, ct: jax.Array, shape, dtype) -> jax.Array:
-        """Adjoint of `__call__`: each slice run is padded back into place and each repeated
-        run summed into its source row (the inverse neighborhood); zero runs are dropped."""
-        del dtype
-        length = shape[self.axis]
-        out, pos = None, 0
-        for kind, start, n in self.runs:
-            part = jax.lax.slice_in_dim(ct, pos, pos + n, axis=self.axis)
-            pos += n
-            if kind == "zero":
-                continue
-            if kind == "repeat":
-                part = jnp.sum(part, axis=self.axis, keepdims=True)
-                n = 1
-            pad = [(0, 0)] * ct.ndim
-            pad[self.axis] = (start, length - start - n)
-            part = jnp.pad(part, pad)
-            out = part if out is None else out + part
-        return jnp.zeros(shape, ct.dtype) if out is None else out
+    def __call__(self, xp: jax.Array, a) -> jax.Array:
+        """Shifted rows of a `prepare`d array for offset `a` (int or traced int)."""
+        L, K, ax = self.L, self.K, self.axis
+        border = 0 if self.causal else K // 2
+        if not border:
+            return jax.lax.dynamic_slice_in_dim(xp, a, L, axis=ax)
+        shape = list(xp.shape)
+        shape[ax] = border
+        lo = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(xp, a, 1, axis=ax), shape)
+        hi = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(xp, L - K + a, 1, axis=ax), shape)
+        mid = jax.lax.dynamic_slice_in_dim(xp, a, L - 2 * border, axis=ax)
+        return jnp.concatenate([lo, mid, hi], axis=ax)
 
 
 def default_tile(length: int, kernel_size: int, kernel_volume: int) -> int:
