@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,22 @@ TINY = [
 ]
 
 
+# One compilation cache per test session, shared by its subprocesses (removed at the end).
+_CACHE = Path(tempfile.mkdtemp(prefix="natjax_train_cache_"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_cache():
+    yield
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
 def _train(workdir: Path, *extra: str, devices: int = 1, fault: str | None = None, code: str = ""):
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "NATJAX_TRAIN_FAULT")}
     env["JAX_PLATFORMS"] = "cpu"
+    # The runs compile the same programs: share a persistent compilation cache between them.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     if fault:
@@ -290,6 +304,7 @@ def test_corrupted_latest_checkpoint_falls_back_and_eval_cli(reference_run, tmp_
 
 
 def test_tfds_mock_data_source(tmp_path):
+    """tfds data_source on mock mnist, 2 grain workers, grad accumulation, EMA, mixup/cutmix."""
     code = (
         "import tensorflow_datasets as tfds\n"
         "with tfds.testing.mock_data(num_examples=48, "
@@ -304,6 +319,11 @@ def test_tfds_mock_data_source(tmp_path):
         "data.eval_split=test",
         "run.max_steps=3",
         "data.num_workers=2",
+        "optim.grad_accum=2",
+        "optim.ema_decay=0.9",
+        "augment.mixup=0.8",
+        "augment.cutmix=1.0",
+        "augment.randaugment_m=9",
         code=code,
     )
     assert p.returncode == 0, p.stderr[-3000:]
@@ -346,3 +366,58 @@ def test_two_processes_with_jax_distributed_match_one(reference_run, tmp_path):
     for step in got:
         np.testing.assert_allclose(got[step], ref[step], rtol=2e-4, err_msg=f"step {step}")
     assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+def test_init_from_converted_checkpoint_keeps_trunk_and_fresh_head(tmp_path):
+    import jax
+    from flax import nnx
+
+    import natjax
+    from natjax.train import loop
+    from natjax.train import mesh as mesh_lib
+    from natjax.train.state import Trainer, nat_config
+
+    cfg = C.apply_overrides(C.load_config(None), TINY)
+    # A "pretrained" model with 5 labels (the digits run has 10): same trunk, other head.
+    pre = natjax.NatForImageClassification(nat_config(cfg, 5), rngs=nnx.Rngs(123))
+    natjax.save_pretrained(pre, tmp_path / "pre")
+    trainer = Trainer(cfg, mesh_lib.make_mesh(cfg.mesh), 10, steps_per_epoch=10)
+    before = jax.device_get(trainer.state["params"])
+    messages = []
+    loop.load_pretrained_params(trainer, str(tmp_path / "pre"), messages.append)
+    after = jax.device_get(trainer.state["params"])
+    want = nnx.to_pure_dict(nnx.state(pre, nnx.Param))
+    np.testing.assert_array_equal(
+        after["nat"]["embeddings"]["norm"]["scale"], want["nat"]["embeddings"]["norm"]["scale"]
+    )
+    k = after["nat"]["embeddings"]["patch_embeddings"]["projection_0"]["kernel"]
+    np.testing.assert_array_equal(
+        k, want["nat"]["embeddings"]["patch_embeddings"]["projection_0"]["kernel"]
+    )
+    assert not np.array_equal(
+        k, before["nat"]["embeddings"]["patch_embeddings"]["projection_0"]["kernel"]
+    )
+    np.testing.assert_array_equal(after["classifier"]["kernel"], before["classifier"]["kernel"])
+    assert "classifier" in messages[0]
+
+
+def test_eval_cli_on_converted_checkpoint(tmp_path, capsys):
+    from flax import nnx
+
+    import natjax
+    from natjax.cli import main
+    from natjax.train.state import nat_config
+
+    cfg = C.apply_overrides(C.load_config(None), TINY)
+    natjax.save_pretrained(
+        natjax.NatForImageClassification(nat_config(cfg, 10), rngs=nnx.Rngs(0)), tmp_path / "m10"
+    )
+    natjax.save_pretrained(
+        natjax.NatForImageClassification(nat_config(cfg, 5), rngs=nnx.Rngs(0)), tmp_path / "m5"
+    )
+    args = ["--dataset", "digits", "--split", "validation"]
+    assert main(["eval", "--model", str(tmp_path / "m10"), *args]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["count"] == 360 and 0.0 <= out["top1"] <= out["top5"] <= 1.0
+    assert main(["eval", "--model", str(tmp_path / "m5"), *args]) == 2
+    assert "has 10 classes; the model has 5" in capsys.readouterr().err

@@ -82,11 +82,13 @@ class TfdsSource:
             raise ValueError(f"data.dataset={name!r} has no ClassLabel 'label' feature.")
         self.num_classes = int(label.num_classes)
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+            # download=False: never fetch data at training time; prepare it beforehand.
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as err:
             raise ValueError(
-                f"data.dataset={name!r} split={split!r}: cannot open with tfds.data_source "
-                f"(prepare it first; data_dir={data_dir!r}): {err}"
+                f"data.dataset={name!r} split={split!r}: cannot open with tfds.data_source in "
+                f"data_dir={data_dir!r}; prepare it first in a random-access format, e.g. "
+                f"`tfds build {name} --file_format=array_record --data_dir=DIR` ({err})"
             ) from None
 
     def __len__(self) -> int:
@@ -146,6 +148,18 @@ def _process_slice(global_batch: int, process_index: int, process_count: int) ->
     return slice(process_index * local, (process_index + 1) * local)
 
 
+def _prefetch(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """Runs `ds` in `num_workers` grain worker processes (0: in this process)."""
+    if num_workers <= 0:
+        return ds
+    from absl import flags
+
+    # grain reads absl flags in its workers; natjax is not an absl app, so mark them parsed.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
+
+
 class BatchLoader:
     """Training batches as a pure function of the step (see module docstring).
 
@@ -199,9 +213,7 @@ class BatchLoader:
     def iterate(self, start_step: int, end_step: int) -> Iterator[dict[str, np.ndarray]]:
         """Batches start_step..end_step-1 through grain (worker processes if num_workers > 0)."""
         ds = grain.MapDataset.range(start_step, end_step).map(self.batch).to_iter_dataset()
-        if self.cfg.num_workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.num_workers))
-        return iter(ds)
+        return iter(_prefetch(ds, self.cfg.num_workers))
 
 
 class EvalLoader:
@@ -228,6 +240,4 @@ class EvalLoader:
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         ds = grain.MapDataset.range(self.num_batches).map(self.batch).to_iter_dataset()
-        if self.cfg.num_workers > 0:
-            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.cfg.num_workers))
-        return iter(ds)
+        return iter(_prefetch(ds, self.cfg.num_workers))

@@ -38,10 +38,16 @@ def _fmt_time(seconds: float) -> str:
 
 
 class _Progress:
-    """One status line (rewritten in place on a terminal, appended otherwise)."""
+    """One status line (rewritten in place on a terminal, appended otherwise) plus messages.
 
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
+    Args:
+      total: number of steps.
+      enabled: show the status line (messages are shown regardless).
+      is_main: only process 0 prints anything.
+    """
+
+    def __init__(self, total: int, enabled: bool, is_main: bool = True) -> None:
+        self.total, self.enabled, self.is_main = total, enabled and is_main, is_main
         self.tty = sys.stderr.isatty()
 
     def update(self, text: str) -> None:
@@ -54,9 +60,9 @@ class _Progress:
         sys.stderr.flush()
 
     def message(self, text: str) -> None:
-        if not self.enabled:
+        if not self.is_main:
             return
-        if self.tty:
+        if self.tty and self.enabled:
             sys.stderr.write("\r" + " " * 110 + "\r")
         sys.stderr.write(text + "\n")
         sys.stderr.flush()
@@ -129,7 +135,7 @@ def train(cfg: TrainConfig) -> dict:
     pidx, pcount = jax.process_index(), jax.process_count()
     is_main = pidx == 0
     workdir = Path(cfg.run.workdir).absolute()
-    progress = _Progress(0, cfg.run.progress and is_main)
+    progress = _Progress(0, cfg.run.progress, is_main)
     log = progress.message
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -175,8 +181,12 @@ def train(cfg: TrainConfig) -> dict:
     step = start
     t_last, n_last = time.perf_counter(), start
     t_start = t_last
+    if start >= total:
+        log(f"already trained to step {start} (of {total}); evaluating only.")
+        last_eval = trainer.evaluate(eval_loader, use_ema=cfg.optim.ema_decay > 0)
+        log(f"eval @ step {start}: top-1 {last_eval['top1']:.4f} top-5 {last_eval['top5']:.4f}")
     try:
-        batches = loader.iterate(start, total)
+        batches = loader.iterate(start, max(start, total))
         for step in range(start, total):
             metrics = trainer.step(next(batches), step)
             done = step + 1
@@ -244,7 +254,12 @@ def evaluate_run(workdir: str, dataset: str | None, split: str | None, data_dir:
 
     meta_path = Path(workdir) / "train_config.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"--model {workdir!r}: no train_config.json (not a training run).")
+        if (Path(workdir) / "config.json").is_file():
+            return evaluate_pretrained(workdir, dataset, split or "validation", data_dir)
+        raise FileNotFoundError(
+            f"--model {workdir!r}: neither a training run (train_config.json) nor a converted "
+            "checkpoint (config.json)."
+        )
     meta = json.loads(meta_path.read_text())
     cfg = from_dict(meta["config"])
     changes = {}
@@ -277,3 +292,47 @@ def evaluate_run(workdir: str, dataset: str | None, split: str | None, data_dir:
         ckpt.close()
     loader = data_lib.EvalLoader(src, cfg.data, jax.process_index(), jax.process_count())
     return trainer.evaluate(loader, use_ema=cfg.optim.ema_decay > 0)
+
+
+def evaluate_pretrained(
+    model_dir: str,
+    dataset: str | None,
+    split: str,
+    data_dir: str | None,
+    image_size: int = 224,
+    crop_pct: float = 0.875,
+    batch_size: int = 64,
+) -> dict:
+    """Evaluates a converted checkpoint (natjax.from_pretrained) with the ImageNet eval transform.
+
+    Returns:
+      {"top1", "top5", "loss", "count"}.
+    """
+    import natjax
+    from natjax.train.config import DataConfig, TrainConfig
+
+    if not dataset:
+        raise ValueError("--dataset is required to evaluate a converted checkpoint.")
+    model = natjax.from_pretrained(model_dir)
+    n = jax.device_count()
+    batch_size = -(-batch_size // n) * n
+    data_cfg = DataConfig(
+        dataset=dataset,
+        data_dir=data_dir,
+        eval_split=split,
+        image_size=image_size,
+        crop_pct=crop_pct,
+        eval_batch_size=batch_size,
+    )
+    src = data_lib.make_source(data_cfg, split)
+    num_labels = model.config.num_labels
+    if src.num_classes != num_labels:
+        raise ValueError(
+            f"--dataset {dataset!r} has {src.num_classes} classes; the model has {num_labels}."
+        )
+    cfg = TrainConfig(data=data_cfg)
+    from natjax.train.config import MeshConfig
+
+    trainer = Trainer(cfg, mesh_lib.make_mesh(MeshConfig()), num_labels, 1, model=model)
+    loader = data_lib.EvalLoader(src, data_cfg, jax.process_index(), jax.process_count())
+    return trainer.evaluate(loader)

@@ -48,8 +48,10 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
                 f"{n} devices (use mesh.data=-1 to fill)."
             )
         shape = (cfg.data, cfg.fsdp, cfg.model)
+    # Auto axes: shardings are given at the jit boundary and XLA (GSPMD) propagates them
+    # through the model, which needs no sharding annotations of its own.
     return jax.make_mesh(
-        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * 3, devices=devices
+        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
     )
 
 

@@ -129,6 +129,7 @@ class Trainer:
     state: dict | None = None
     shardings: dict | None = None
     schedule: optax.Schedule | None = None
+    model: nnx.Module | None = None  # an existing model (e.g. from_pretrained) instead of cfg's
 
     def __post_init__(self) -> None:
         cfg, mesh = self.cfg, self.mesh
@@ -141,11 +142,18 @@ class Trainer:
 
         # Shapes first (nothing allocated), then one jitted init that writes every parameter
         # straight into its shard: no host copy of the full model, identical on every process.
-        abstract = nnx.eval_shape(lambda: build_model(cfg, self.num_labels, cfg.run.seed))
-        self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
-        param_sh = nnx.to_pure_dict(mesh_lib.state_shardings(abs_params, mesh))
-        rest_sh = jax.tree.map(lambda _: rep, nnx.to_pure_dict(abs_rest))
-        params, self.rest = jax.jit(init_model, out_shardings=(param_sh, rest_sh))()
+        if self.model is None:
+            abstract = nnx.eval_shape(lambda: build_model(cfg, self.num_labels, cfg.run.seed))
+            self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
+            param_sh = nnx.to_pure_dict(mesh_lib.state_shardings(abs_params, mesh))
+            rest_sh = jax.tree.map(lambda _: rep, nnx.to_pure_dict(abs_rest))
+            params, self.rest = jax.jit(init_model, out_shardings=(param_sh, rest_sh))()
+        else:
+            self.graphdef, p_state, r_state = nnx.split(self.model, nnx.Param, ...)
+            param_sh = nnx.to_pure_dict(mesh_lib.state_shardings(p_state, mesh))
+            params = jax.tree.map(_to_global, nnx.to_pure_dict(p_state), param_sh)
+            self.rest = jax.tree.map(lambda x: _to_global(x, rep), nnx.to_pure_dict(r_state))
+            self.model = None  # the arrays now live in self.state
         self.schedule = lr_schedule(cfg, self.steps_per_epoch)
         self.tx = make_optimizer(cfg, self.schedule)
         opt_sh = mesh_lib.like_params(jax.eval_shape(self.tx.init, params), params, param_sh, rep)
