@@ -133,6 +133,9 @@ class _Core:
             )
         ]
         self.n_outer = math.prod(kernel_size[:-1])
+        # Windows spanning every axis (e.g. NAT's last stage, 7x7 with kernel 7): every query sees
+        # every key and offset o is key position o, so the products are plain matmuls.
+        self.full_window = not any(is_causal) and tuple(kernel_size) == tuple(spatial)
         self.band = LastAxisBand(
             spatial[-1], kernel_size[-1], is_causal[-1], math.prod(kernel_size)
         )
@@ -185,8 +188,14 @@ class _Core:
         """`[..., KV]` -> `[..., n_outer, K_last]`."""
         return p.reshape(p.shape[:-1] + (self.n_outer, self.kernel_size[-1]))
 
+    def _flat(self, x):
+        return x.reshape(x.shape[:2] + (-1, x.shape[-1]))
+
     def qk(self, a, b):
         """scores[..., i, o] = a[i] . b[key(i, o)], `[B, h, *S, KV]`."""
+        if self.full_window:
+            s = jnp.einsum("bhnd,bhmd->bhnm", self._flat(a), self._flat(b))
+            return s.reshape(a.shape[:-1] + (-1,))
         if not self.outer:
             return self.band.qk(a, b)
         bp = self._prepare(b)
@@ -199,6 +208,8 @@ class _Core:
 
     def av(self, p, v):
         """out[i] = sum_o p[i, o] v[key(i, o)]."""
+        if self.full_window:
+            return jnp.einsum("bhnm,bhmd->bhnd", self._flat(p), self._flat(v)).reshape(v.shape)
         if not self.outer:
             return self.band.av(p, v)
         p, vp = self._per_outer(p), self._prepare(v)
@@ -211,6 +222,8 @@ class _Core:
 
     def av_t(self, p, a):
         """out[j] = sum over (i, o) with key(i, o) = j of p[i, o] a[i] (inverse neighborhood)."""
+        if self.full_window:
+            return jnp.einsum("bhnm,bhnd->bhmd", self._flat(p), self._flat(a)).reshape(a.shape)
         if not self.outer:
             return self.band.av_t(p, a)
         p = self._per_outer(p)
@@ -288,10 +301,13 @@ def _piece_core(piece, params: NAParams) -> _Core:
     return _core(tuple(piece.shape[2:-1]), params.kernel_size, params.is_causal)
 
 
-# Cache blocking on CPU: process this many bytes of per-item working set (logits + q/k/v/out) per
-# step of a loop over the batch, so that each step's intermediates stay in the L2/L3 caches.
-# Measured on a 2-core EPYC: ~3x faster forward for NAT-Tiny stage-1 shapes (experiments/bench_na).
+# Cache blocking on CPU: when a call's working set (logits + q/k/v/out) exceeds
+# CPU_BLOCK_ABOVE_BYTES, the batch is processed in chunks of about CPU_CHUNK_BYTES so that each
+# step's intermediates stay in the L2/L3 caches. Smaller calls run in one pass (loop overhead
+# would dominate). Measured on a 2-core EPYC (experiments/bench_na.py): ~3x faster forward at
+# NAT-Tiny stage 1 (batch 8, 56x56, 2 heads); unchunked is faster at 14x14 and below.
 CPU_CHUNK_BYTES = 4 << 20
+CPU_BLOCK_ABOVE_BYTES = 32 << 20
 
 
 def _cpu_chunk(batch: int, per_item_bytes: int) -> int | None:
@@ -301,6 +317,8 @@ def _cpu_chunk(batch: int, per_item_bytes: int) -> int | None:
     would have to gather a batch axis that a loop scans; so only single-device CPU loops.
     """
     if jax.default_backend() != "cpu" or jax.device_count() > 1:
+        return None
+    if batch * per_item_bytes <= CPU_BLOCK_ABOVE_BYTES:
         return None
     chunk = max(1, CPU_CHUNK_BYTES // max(per_item_bytes, 1))
     return None if chunk >= batch else chunk
