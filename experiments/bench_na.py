@@ -5,7 +5,8 @@
     python experiments/bench_na.py --quick                # small shapes (what `natjax demo` runs)
 
 Times the forward and forward+backward (gradients of q, k, v and rpb) as medians over
-`--repeats` runs after a warm-up (compilation excluded), for each implementation and for
+`--repeats` runs after a warm-up (compilation excluded), for each implementation ("auto" is
+`implementation=None`, the dispatcher's choice) and for
 `jax.nn.dot_product_attention` with an explicit neighborhood mask and the same bias as a dense
 `[heads, N, N]` array (the "dense" baseline; its rpb gradient is not computed, which flatters it).
 Reports the compiled program's temporary + output memory (XLA's memory analysis, any platform) and,
@@ -86,7 +87,7 @@ def _functions(impl: str, spatial, kernel, mask, bias_index):
 
         def fwd(q, k, v, rpb):
             b, *_, h, d = q.shape
-            bias = rpb[(slice(None),) + bias_index].reshape(1, h, n, n)
+            bias = rpb.reshape(h, -1)[:, bias_index][None]
             out = jax.nn.dot_product_attention(
                 q.reshape(b, n, h, d), k.reshape(b, n, h, d), v.reshape(b, n, h, d),
                 bias=jax.lax.stop_gradient(bias).astype(q.dtype), mask=mask[None, None],
@@ -95,7 +96,7 @@ def _functions(impl: str, spatial, kernel, mask, bias_index):
     else:
 
         def fwd(q, k, v, rpb):
-            return op(q, k, v, kernel, rpb=rpb, implementation=impl)
+            return op(q, k, v, kernel, rpb=rpb, implementation=None if impl == "auto" else impl)
 
     def loss(q, k, v, rpb):
         return jnp.sum(fwd(q, k, v, rpb).astype(jnp.float32))
@@ -200,7 +201,7 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    default_impls = "pallas,xla,dense" if jax.default_backend() == "gpu" else "xla,dense"
+    default_impls = "pallas,xla,dense" if jax.default_backend() == "gpu" else "auto,xla,dense"
     p.add_argument("--implementations", default=default_impls)
     p.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     p.add_argument("--quick", action="store_true", help="small shapes, for smoke runs")

@@ -10,6 +10,8 @@ import pytest
 from na_base import NABackendTests
 
 import natjax
+from natjax.ops.na import api
+from natjax.ops.na.spec import make_params
 
 
 class TestXLA(NABackendTests):
@@ -22,7 +24,7 @@ class TestReference(NABackendTests):
     implementation = "reference"
     property_seeds = ()  # comparing the reference with itself proves nothing
     dtype_seeds = (3,)
-    test_sharding = False  # dense N x N; only the production backends promise sharding
+    test_sharding = True
 
 
 def _intermediate_sizes(fn, *args):
@@ -85,8 +87,19 @@ def test_xla_backward_has_no_scatter_or_gather():
     assert not {n for n in names if "scatter" in n or n == "gather"}, names
 
 
-def test_default_implementation_on_cpu_is_xla():
-    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 9, 4, 8)), jnp.float32)
-    got = natjax.na1d(q, q, q, 5)
-    want = natjax.na1d(q, q, q, 5, implementation="xla")
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+@pytest.mark.parametrize(
+    "spatial,kernel,want",
+    [((14, 14), 7, "reference"), ((7, 7), 7, "reference"), ((28, 28), 7, "xla"),
+     ((200,), 3, "xla"), ((9,), 5, "reference")],
+)  # fmt: skip
+def test_default_implementation_on_cpu(spatial, kernel, want):
+    """None picks dense attention for small maps on CPU (measured faster there), else xla;
+    both give the same result."""
+    shape = (1, *spatial, 2, 8)
+    q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    params = make_params(len(spatial), spatial, 8, kernel, 1, False, None)
+    assert api._default_implementation(q, params, True) == want
+    fn = getattr(natjax, f"na{len(spatial)}d")
+    got = fn(q, q, q, kernel)
+    ref = fn(q, q, q, kernel, implementation="xla")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)

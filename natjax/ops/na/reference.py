@@ -28,10 +28,10 @@ def _axis_dense(length: int, kernel_size: int, dilation: int, causal: bool):
 
 
 def dense_mask_and_bias_index(spatial: tuple[int, ...], params: NAParams):
-    """Builds the dense `[N, N]` mask and per-axis bias-index grids.
+    """Builds the dense `[N, N]` mask and bias index.
 
     Returns:
-      (mask `[N, N]` bool, tuple of per-axis int index arrays broadcastable to `[*S, *S]`).
+      (mask `[N, N]` bool, `[N, N]` int index into `rpb.reshape(heads, -1)`).
     """
     ndim = len(spatial)
     per_axis = [
@@ -49,7 +49,8 @@ def dense_mask_and_bias_index(spatial: tuple[int, ...], params: NAParams):
         mask = mask & allowed.reshape(shape)
         index.append(rel.reshape(shape))
     n = math.prod(spatial)
-    return np.broadcast_to(mask, spatial + spatial).reshape(n, n), tuple(index)
+    flat = np.ravel_multi_index(np.broadcast_arrays(*index), params.rpb_shape_tail)
+    return np.broadcast_to(mask, spatial + spatial).reshape(n, n), flat.reshape(n, n)
 
 
 def na_reference(q, k, v, rpb, params: NAParams):
@@ -74,8 +75,9 @@ def na_reference(q, k, v, rpb, params: NAParams):
     vf = v.reshape(batch, n, heads, head_dim).astype(compute)
     logits = jnp.einsum("bqhd,bkhd->bhqk", qf * params.scale, kf)
     if rpb is not None:
-        bias = rpb.astype(compute)[(slice(None),) + index]  # [heads, *S, *S]
-        logits = logits + bias.reshape(heads, n, n)[None]
+        # Flat index into [heads, prod(2K-1)]: no reshape of a (possibly head-sharded) [h, N, N].
+        bias = rpb.astype(compute).reshape(heads, -1)[:, index]
+        logits = logits + bias[None]
     logits = jnp.where(mask[None, None], logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [b, h, q]
     probs = jnp.exp(logits - lse[..., None])
