@@ -122,7 +122,9 @@ def run(args) -> list[dict]:
         item = q.dtype.itemsize
         numel = math.prod(shape)
         lse_bytes = numel // head_dim * 4
-        ideal = {"fwd": 4 * numel * item + lse_bytes, "fwd+bwd": 9 * numel * item + lse_bytes}
+        # Forward: read q, k, v, write out + lse. Backward: read q, k, v, out, d_out + lse,
+        # write dq, dk, dv. So fwd+bwd moves 12 inputs-sized arrays and the lse twice.
+        ideal = {"fwd": 4 * numel * item + lse_bytes, "fwd+bwd": 12 * numel * item + 2 * lse_bytes}
         for impl in args.implementations.split(","):
             row = dict(case=name, impl=impl, batch=args.batch, dtype=args.dtype)
             try:

@@ -1,9 +1,8 @@
 """Image classification with a pretrained NAT/DiNAT: ImageNet-style preprocessing and top-k.
 
 Preprocessing follows the evaluation transform of the NAT/DiNAT papers (timm's, with
-`crop_pct=0.875`) and Hugging Face's `NatImageProcessor`-style pipelines: resize the shorter side
-to `size / crop_pct` with bicubic interpolation, centre crop `size x size`, scale to [0, 1] and
-normalise with the ImageNet mean/std.
+`crop_pct=0.875`): resize the shorter side to `size / crop_pct` with bicubic interpolation, centre
+crop `size x size`, scale to [0, 1] and normalise with the ImageNet mean/std.
 """
 
 from __future__ import annotations
@@ -18,8 +17,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from natjax.train.augment import resize_center_crop
+from natjax.train.config import IMAGENET_MEAN, IMAGENET_STD
+
 DEFAULT_CROP_PCT = 0.875
 
 
@@ -51,7 +51,7 @@ def preprocess(
     """
     if not isinstance(size, int) or size <= 0:
         raise ValueError(f"size={size!r}; expected a positive int")
-    if not 0 < crop_pct <= 1:
+    if not isinstance(crop_pct, int | float) or not 0 < crop_pct <= 1:
         raise ValueError(f"crop_pct={crop_pct!r}; expected a number in (0, 1]")
     path = Path(path)
     if not path.is_file():
@@ -59,20 +59,10 @@ def preprocess(
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
         raise ValueError(f"{path}: cannot read image ({err})") from None
-    width, height = img.size
-    short = int(size / crop_pct)
-    # torchvision Resize(int): shorter side -> `short`, longer side scaled and truncated.
-    if width <= height:
-        new_w, new_h = short, int(short * height / width)
-    else:
-        new_w, new_h = int(short * width / height), short
-    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    # torchvision CenterCrop rounding.
-    top = int(round((new_h - size) / 2.0))
-    left = int(round((new_w - size) / 2.0))
-    img = img.crop((left, top, left + size, top + size))
+    # The same resize + centre crop as training's evaluation (torchvision rounding, bicubic).
+    img = resize_center_crop(img, size, crop_pct)
     x = np.asarray(img, dtype=np.float32) / 255.0
     return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
 

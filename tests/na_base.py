@@ -232,6 +232,7 @@ class NABackendTests:
             os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
             import jax, jax.numpy as jnp, numpy as np, natjax
             from jax.sharding import NamedSharding, PartitionSpec as P
+            import contextlib
             from jax.sharding import AxisType
             rng = np.random.default_rng(0)
             shape = (8, 10, 9, 4, 8)
@@ -239,7 +240,7 @@ class NABackendTests:
             rpb = jnp.asarray(rng.standard_normal((4, 5, 5)), jnp.float32)
             impl = {self.implementation!r}
             def f(q, k, v, rpb):
-                return natjax.na2d(q, k, v, 3, (1, 2), (False, True), rpb=rpb,
+                return natjax.na2d(q, k, v, 3, (1, 2), (True, False), rpb=rpb,
                                    implementation=impl)
             def loss(q, k, v, rpb):
                 return jnp.sum(f(q, k, v, rpb) ** 2)
@@ -258,10 +259,14 @@ class NABackendTests:
                     hlo = fn.lower(*args).compile().as_text()
                     assert "all-gather" not in hlo, f"{{kind}} {{name}} has an all-gather"
                     assert "all-to-all" not in hlo, f"{{kind}} {{name}} has an all-to-all"
-                out = fwd(*args)
+                # Explicit meshes are also used as the ambient mesh (jax.set_mesh).
+                ctx = jax.set_mesh(mesh) if kind == AxisType.Explicit else contextlib.nullcontext()
+                with ctx:
+                    out = fwd(*args)
+                    grads = bwd(*args)
                 assert out.sharding.is_equivalent_to(xs, out.ndim), out.sharding
                 np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
-                for a, b in zip(bwd(*args), g0):
+                for a, b in zip(grads, g0):
                     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
             print("SHARDING_OK")
             """

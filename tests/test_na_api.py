@@ -1,5 +1,7 @@
 """Argument checking of the public NA functions, and the window rules themselves."""
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -55,13 +57,32 @@ def test_non_array_input():
         natjax.na1d([[1.0]], Q2, Q2, 3)
 
 
-def test_pallas_by_name_reports_why_it_cannot_run_or_runs():
-    """Asking for 'pallas' either works or raises a ValueError that names the reason."""
-    q = jnp.zeros((1, 8, 8, 1, 16), jnp.float64)  # float64 is outside every kernel's dtypes
-    try:
+def test_pallas_by_name_reports_why_it_cannot_run():
+    q = jnp.zeros((1, 8, 8, 1, 256), jnp.float32)  # head_dim 256 is beyond the kernel's 128
+    with pytest.raises(ValueError, match=r"implementation='pallas' cannot run.*head_dim 256"):
         natjax.na2d(q, q, q, 3, implementation="pallas")
-    except ValueError as err:
-        assert "pallas" in str(err)
+
+
+def test_gpu_default_falls_back_to_xla_once_with_a_warning(monkeypatch):
+    from natjax.ops.na import api
+
+    monkeypatch.setattr(api.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(api, "_warned", set())
+    q = jnp.asarray(np.random.default_rng(0).standard_normal((1, 6, 6, 1, 256)), jnp.float32)
+    with pytest.warns(UserWarning, match=r"falling back to the 'xla'.*head_dim 256"):
+        first = natjax.na2d(q, q, q, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = natjax.na2d(q, q, q, 3)  # warned once only
+    want = natjax.na2d(q, q, q, 3, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(first), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(second), np.asarray(want))
+
+
+def test_numpy_scalars_are_accepted_per_axis():
+    q = jnp.zeros((1, 8, 8, 1, 4), jnp.float32)
+    out = natjax.na2d(q, q, q, (np.int64(3), 3), is_causal=(np.True_, False))
+    assert out.shape == q.shape
 
 
 def test_window_rules_match_natten_examples():

@@ -7,7 +7,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from na_base import NABackendTests
+from na_base import NABackendTests, loss_and_grads, make_inputs
 
 import natjax
 from natjax.ops.na import api
@@ -103,3 +103,20 @@ def test_default_implementation_on_cpu(spatial, kernel, want):
     got = fn(q, q, q, kernel)
     ref = fn(q, q, q, kernel, implementation="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_batch_chunks_match_and_pad_safely(monkeypatch):
+    """The cache-blocked CPU loop (forced here) gives the reference's values, and its padded last
+    chunk contributes nothing, even with biases large enough to overflow exp()."""
+    from natjax.ops.na import xla
+
+    monkeypatch.setattr(xla, "_cpu_chunk", lambda batch, per_item: 2 if batch > 2 else None)
+    case = dict(spatial=(7, 6), kernel_size=(3, 3), dilation=(2, 1), is_causal=(False, True),
+                rpb=True, batch=5, heads=2, head_dim=4, seed=9)  # fmt: skip
+    q, k, v, rpb, d_out = make_inputs(case)
+    for bias in (rpb, rpb + 100.0):
+        got = loss_and_grads("xla", case, q, k, v, bias, d_out)
+        want = loss_and_grads("reference", case, q, k, v, bias, d_out)
+        for g, w in zip(got[2], want[2], strict=True):
+            assert np.all(np.isfinite(np.asarray(g)))
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)

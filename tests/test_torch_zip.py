@@ -303,12 +303,35 @@ def test_writer_round_trip_and_layout(tmp_path):
         assert got[k].dtype == v.dtype and got[k].shape == v.shape
         np.testing.assert_array_equal(got[k], v)
     # Same records and globals as a real torch.save file, payloads 64-byte aligned.
-    golden = zipfile.ZipFile(golden_file("nat_rand", "original.pth"))
+    with zipfile.ZipFile(golden_file("nat_rand", "original.pth")) as golden:
+        golden_names = golden.namelist()
     strip = lambda names: {n.split("/", 1)[1] for n in names if "/data/" not in n}
     with zipfile.ZipFile(path) as z:
-        assert strip(z.namelist()) == strip(golden.namelist())
+        assert strip(z.namelist()) == strip(golden_names)
         for info in z.infolist():
             z.fp.seek(info.header_offset + 26)
             n, e = np.frombuffer(z.fp.read(4), "<u2")
             assert (info.header_offset + 30 + int(n) + int(e)) % 64 == 0
-    assert torch_zip._ALLOWED  # allow-list is non-empty and module-level
+
+
+def test_build_opcode_cannot_poison_the_allow_list(tmp_path):
+    # GLOBAL torch.FloatStorage, {"dtype": 1}, BUILD: would rewrite the shared stand-in's
+    # __dict__ and break every later load in the process.
+    payload = b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeK\x01sb."
+    path = tmp_path / "build.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", payload)
+    with pytest.raises(ValueError, match=r"build\.pth: refusing to modify _StorageType"):
+        read_torch_zip(path)
+    assert torch_zip._ALLOWED[("torch", "FloatStorage")].dtype == np.float32
+    assert load_torch_state_dict(golden_file("nat_rand", "pytorch_model.bin"))
+
+
+def test_overlapping_view_larger_than_its_storage_is_refused(tmp_path, fake_torch):
+    # A 1-element storage viewed as 1000x1000 with zero strides: the copy would amplify a tiny
+    # file into an unbounded allocation.
+    s = storage_of(fake_torch, np.ones(1, np.float32), "FloatStorage", "0")
+    path = tmp_path / "expand.pth"
+    craft_zip(path, {"w": _FakeTensor(s, 0, (1000, 1000), (0, 0))})
+    with pytest.raises(ValueError, match=r"expand\.pth: .*1000000 elements .*overlapping"):
+        load_torch_state_dict(path)

@@ -46,6 +46,8 @@ ORIGINAL_NAME = "original.pth"
 FORMAT_MARKER = "natjax"
 FORMAT_VERSION = 1
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
+# safetensors header metadata of natjax checkpoints.
+_META = {"format": "np", "producer": "natjax"}
 
 # Architecture name -> natjax.models class name.
 ARCHITECTURES = {
@@ -65,14 +67,10 @@ def _models():
 
 
 def _architecture_from_hf(config_dict: Mapping[str, Any]) -> str | None:
-    for name in config_dict.get("architectures") or ():
-        if name.endswith("Backbone"):
-            return "backbone"
-        if name.endswith("ForImageClassification"):
-            return "classification"
-        if name.endswith("Model"):
-            return "model"
-    return None
+    """The architecture a HF config.json's `architectures` names, None when it names none."""
+    from natjax.convert.hf import kind_from_hf_config
+
+    return kind_from_hf_config(config_dict) if config_dict.get("architectures") else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -226,14 +224,6 @@ def _architecture_from_keys(keys, layout: str) -> str:
     return "model"
 
 
-def _strip_body_prefix(state: dict[str, np.ndarray], model_type: str, architecture: str) -> dict:
-    """Accept a `nat.`/`dinat.`-prefixed body for NatModel/NatBackbone, as transformers does."""
-    prefix = f"{model_type}."
-    if architecture == "classification" or not all(k.startswith(prefix) for k in state):
-        return state
-    return {k[len(prefix) :]: v for k, v in state.items()}
-
-
 # --------------------------------------------------------------------------------- nnx models
 def _persistent_state(model: nnx.Module):
     # RNG streams (dropout keys) are runtime state, not weights.
@@ -294,22 +284,16 @@ def _check_filled(model: nnx.Module, what: str) -> None:
 
 def model_architecture(model: nnx.Module) -> str:
     """ "classification", "backbone" or "model" for a natjax model instance."""
-    name = type(model).__name__
-    for arch, cls_name in ARCHITECTURES.items():
-        if name == cls_name:
-            return arch
-    raise ValueError(f"model of type {name} is not a natjax NAT/DiNAT model")
+    from natjax.convert.hf import model_kind
+
+    return model_kind(model)
 
 
 def _hf_reference_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     """HF key -> shape the model needs, without materialising (works on abstract models)."""
-    from natjax.convert.hf import key_table
+    from natjax.convert.hf import key_table, param_variables
 
-    params = {
-        ".".join(map(str, path)): node
-        for path, node in nnx.iter_graph(model)
-        if isinstance(node, nnx.Param)
-    }
+    params = param_variables(model)
     shapes = {}
     for entry in key_table(model):
         # Zero-stride stand-ins: the hooks only transpose/stack, so shapes come out right.
@@ -322,8 +306,10 @@ def _hf_reference_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
 
 
 def _load_hf_state(model: nnx.Module, state: Mapping[str, np.ndarray], what: str) -> None:
-    from natjax.convert.hf import hf_to_nnx
+    from natjax.convert.hf import hf_to_nnx, strip_base_prefix
 
+    # A classification checkpoint's "nat."/"dinat."-prefixed body also loads as NatModel/Backbone.
+    state = strip_base_prefix(model, state)
     check_state_dict(state, _hf_reference_shapes(model), what)
     hf_to_nnx(model, state)
 
@@ -396,18 +382,21 @@ def from_pretrained(
                     f"architecture={architecture!r} is not supported for them"
                 )
             state = _original_to_hf(state, config.model_type)
-        state = _strip_body_prefix(state, config.model_type, architecture)
         _load_hf_state(model, state, what)
     _check_filled(model, what)
     return model
 
 
 def _select(path: Path, key: str) -> dict[str, np.ndarray]:
+    """The state dict under `key` of a torch checkpoint file (or of the one in folder `path`)."""
     if path.is_dir():
-        for name in (HF_TORCH_NAME, ORIGINAL_NAME):
-            if (path / name).is_file():
-                path = path / name
-                break
+        files = [path / n for n in (HF_TORCH_NAME, ORIGINAL_NAME) if (path / n).is_file()]
+        if not files:
+            raise FileNotFoundError(
+                f"{path}: state_dict_key={key!r} needs a torch checkpoint in the folder "
+                f"({HF_TORCH_NAME} or {ORIGINAL_NAME}); it has none"
+            )
+        path = files[0]
     return torch_zip.select_state_dict(torch_zip.read_torch_zip(path), key)[0]
 
 
@@ -433,9 +422,6 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike) -> Path:
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     save_file(nnx_flat_state(model), str(directory / NATJAX_WEIGHTS_NAME), metadata=_META)
     return directory
-
-
-_META = {"format": "np", "producer": "natjax"}
 
 
 def export_pretrained(model: nnx.Module, directory: str | os.PathLike, format: str = "hf") -> Path:

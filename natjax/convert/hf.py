@@ -179,6 +179,8 @@ _HF_ARCHITECTURES = {
 def kind_from_hf_config(config: Mapping[str, Any]) -> str:
     """The model kind named by a HF `config.json`'s `architectures` ("classification" if absent)."""
     archs = config.get("architectures") or ["NatForImageClassification"]
+    if isinstance(archs, str):
+        archs = [archs]
     if archs[0] not in _HF_ARCHITECTURES:
         raise ValueError(
             f"Unsupported `architectures`={archs!r}; expected one of {sorted(_HF_ARCHITECTURES)}."
@@ -196,8 +198,8 @@ def kind_from_hf_keys(keys) -> str:
     return "model"
 
 
-def _params(model: nnx.Module) -> dict[str, nnx.Variable]:
-    """Every `nnx.Param` of `model` by dotted path."""
+def param_variables(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Every `nnx.Param` of `model` by dotted path (abstract models included)."""
     return {
         ".".join(str(p) for p in path): node
         for path, node in nnx.iter_graph(model)
@@ -222,7 +224,7 @@ def key_table(model: nnx.Module) -> list[Entry]:
     Raises:
       RuntimeError: if a parameter of `model` matches no rule (a bug in the table).
     """
-    params = _params(model)
+    params = param_variables(model)
     entries: dict[str, tuple[list[str | None], Hook]] = {}
     unmatched = []
     for path in params:
@@ -258,8 +260,9 @@ def _summary(kind: str, keys: list[str]) -> str:
     return f"{len(keys)} {kind} key(s): {shown}{more}"
 
 
-def _strip_base_prefix(model: nnx.Module, state: Mapping[str, Any]) -> dict[str, Any]:
-    """Accepts a "nat."/"dinat."-prefixed (classification) checkpoint for NatModel/NatBackbone."""
+def strip_base_prefix(model: nnx.Module, state: Mapping[str, Any]) -> dict[str, Any]:
+    """Drops the "nat."/"dinat." body prefix of a classification checkpoint for NatModel and
+    NatBackbone (as transformers' `base_model_prefix` does); other states are returned as is."""
     state = dict(state)
     if model_kind(model) == "classification":
         return state
@@ -299,8 +302,8 @@ def hf_to_nnx(model: nnx.Module, state: Mapping[str, Any], *, strict: bool = Tru
         each with counts), a shape mismatch or a non-float tensor.
     """
     table = key_table(model)
-    params = _params(model)
-    state = _strip_base_prefix(model, state)
+    params = param_variables(model)
+    state = strip_base_prefix(model, state)
     expected = {e.hf_key for e in table}
     missing = sorted(expected - set(state))
     unexpected = sorted(set(state) - expected)
@@ -342,7 +345,7 @@ def nnx_to_hf(model: nnx.Module, dtype: Any = None) -> dict[str, np.ndarray]:
       HF key -> C-contiguous numpy array, sorted by key: exactly the keys and shapes that the
       matching transformers class saves (`save_pretrained`).
     """
-    params = _params(model)
+    params = param_variables(model)
     out = {}
     for entry in key_table(model):
         arrays = [np.asarray(params[p].get_value()) for p in entry.nnx_paths]

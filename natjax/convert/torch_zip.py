@@ -81,8 +81,19 @@ _TORCH_DTYPES: dict[str, np.dtype] = {
 STATE_DICT_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "module", "net")
 
 
+class _NoBuild:
+    """Refuses the pickle BUILD opcode, which would otherwise overwrite the object's `__dict__`.
+
+    Without this a file could rewrite the module-level allow-list stand-ins (e.g. the dtype of
+    `torch.FloatStorage`) and so corrupt every later load in the process.
+    """
+
+    def __setstate__(self, state: object) -> None:
+        raise ValueError(f"refusing to modify {type(self).__name__} (pickle BUILD opcode)")
+
+
 @dataclass(frozen=True)
-class _StorageType:
+class _StorageType(_NoBuild):
     """Stand-in for a `torch.<Name>Storage` class: only carries the element dtype."""
 
     name: str
@@ -90,7 +101,7 @@ class _StorageType:
 
 
 @dataclass(frozen=True)
-class _TorchDtype:
+class _TorchDtype(_NoBuild):
     """Stand-in for a `torch.<dtype>` object."""
 
     name: str
@@ -98,7 +109,7 @@ class _TorchDtype:
 
 
 @dataclass
-class _Storage:
+class _Storage(_NoBuild):
     """A storage resolved from the archive: a flat numpy array of `numel` elements."""
 
     data: np.ndarray
@@ -128,6 +139,13 @@ def _as_strided(
     numel = math.prod(size)
     if numel == 0:
         return np.zeros(size, dtype=flat.dtype)
+    if numel > flat.size:
+        # Only overlapping strides (e.g. stride 0) read more elements than the storage holds;
+        # the copy below would let a tiny file allocate without bound.
+        raise ValueError(
+            f"tensor (size={size}, stride={stride}) has {numel} elements but its storage only "
+            f"{flat.size}: overlapping views are not supported (save `tensor.clone()` instead)"
+        )
     last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
     if any(st < 0 for st in stride) or last >= flat.size:
         raise ValueError(
@@ -317,9 +335,22 @@ def read_torch_zip(path: str | os.PathLike) -> object:
         unpickler = _RestrictedUnpickler(io.BytesIO(payload), archive, prefix, byteorder, str(path))
         try:
             return unpickler.load()
-        except ValueError:
-            raise
-        except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, TypeError) as err:
+        except ValueError as err:
+            if str(err).startswith(str(path)):
+                raise
+            # Raised by a stand-in (tensor geometry, dtype...): name the file.
+            raise ValueError(f"{path}: {err}") from None
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            zipfile.BadZipFile,
+            TypeError,
+            AttributeError,
+            KeyError,
+            IndexError,
+            OverflowError,
+            RecursionError,
+        ) as err:
             raise ValueError(
                 f"{path}: corrupt checkpoint pickle ({type(err).__name__}: {err})"
             ) from None

@@ -40,7 +40,7 @@ def _check_config(config: NatConfig) -> None:
         warnings.warn(
             "natjax: attention_probs_dropout_prob > 0 drops the attention output projection only; "
             "the fused neighborhood-attention op does not drop attention probabilities.",
-            stacklevel=3,
+            stacklevel=4,  # NatModel(...) -> __init__ -> _build_trunk -> here
         )
 
 
@@ -86,6 +86,54 @@ def _reshape(states: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
     return tuple(jnp.transpose(s, (0, 3, 1, 2)) for s in states)
 
 
+def _feature_channels(config: NatConfig) -> tuple[int, ...]:
+    """Channels of the embedding output ("stem") and of each stage, in `stage_names` order."""
+    return (config.embed_dim,) + tuple(config.stage_dim(i) for i in range(config.num_stages))
+
+
+def _build_trunk(
+    trunk: NatModel | NatBackbone,
+    config: NatConfig,
+    kw: dict,
+    attention_implementation: str | None,
+    remat: bool,
+) -> None:
+    """Sets `trunk.config`, `.embeddings` and `.encoder` (shared by NatModel and NatBackbone).
+
+    Args:
+      trunk: the module being built.
+      config: the architecture.
+      kw: `dtype`, `param_dtype` and `rngs` for the submodules.
+      attention_implementation, remat: as in `NatModel`.
+    """
+    _check_config(config)
+    trunk.config = config
+    trunk.embeddings = Embeddings(
+        config.num_channels, config.embed_dim, config.hidden_dropout_prob, **kw
+    )
+    trunk.encoder = NatEncoder(
+        config, attention_implementation=attention_implementation, remat=remat, **kw
+    )
+
+
+def _embed_and_encode(
+    trunk: NatModel | NatBackbone, images: jax.Array, deterministic: bool, rngs: RngsLike
+) -> tuple[jax.Array, tuple[jax.Array, list[jax.Array], list[jax.Array]]]:
+    """Checks `images`, runs `trunk.embeddings` then `trunk.encoder`.
+
+    Returns:
+      The embedding output and the encoder's (output, per-stage outputs after downsampling,
+      per-stage outputs before downsampling).
+    """
+    name = type(trunk).__name__
+    _check_images(images, trunk.config, name)
+    embed_key, keys = _dropout_keys(
+        trunk.config, trunk.encoder.num_layers, deterministic, rngs, name
+    )
+    x = trunk.embeddings(images, embed_key)
+    return x, trunk.encoder(x, keys)
+
+
 class NatModel(nnx.Module):
     """NAT/DiNAT trunk: embeddings, encoder, final LayerNorm and mean pooling (HF `NatModel`).
 
@@ -108,15 +156,8 @@ class NatModel(nnx.Module):
         attention_implementation: str | None = None,
         remat: bool = False,
     ):
-        _check_config(config)
-        self.config = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embeddings = Embeddings(
-            config.num_channels, config.embed_dim, config.hidden_dropout_prob, **kw
-        )
-        self.encoder = NatEncoder(
-            config, attention_implementation=attention_implementation, remat=remat, **kw
-        )
+        _build_trunk(self, config, kw, attention_implementation, remat)
         self.layernorm = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
 
     def __call__(
@@ -137,12 +178,7 @@ class NatModel(nnx.Module):
         Returns:
           A `NatModelOutput`.
         """
-        _check_images(images, self.config, type(self).__name__)
-        embed_key, keys = _dropout_keys(
-            self.config, self.encoder.num_layers, deterministic, rngs, type(self).__name__
-        )
-        x = self.embeddings(images, embed_key)
-        last, after, _ = self.encoder(x, keys)
+        x, (last, after, _) = _embed_and_encode(self, images, deterministic, rngs)
         last = self.layernorm(last)
         pooled = jnp.mean(last, axis=(1, 2))
         hidden = reshaped = None
@@ -243,18 +279,9 @@ class NatBackbone(nnx.Module):
         attention_implementation: str | None = None,
         remat: bool = False,
     ):
-        _check_config(config)
-        self.config = config
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embeddings = Embeddings(
-            config.num_channels, config.embed_dim, config.hidden_dropout_prob, **kw
-        )
-        self.encoder = NatEncoder(
-            config, attention_implementation=attention_implementation, remat=remat, **kw
-        )
-        channels = (config.embed_dim,) + tuple(
-            config.stage_dim(i) for i in range(config.num_stages)
-        )
+        _build_trunk(self, config, kw, attention_implementation, remat)
+        channels = _feature_channels(config)
         self.hidden_states_norms = nnx.Dict(
             {
                 name: layer_norm(channels[index], TORCH_LAYER_NORM_EPS, **kw)
@@ -265,9 +292,7 @@ class NatBackbone(nnx.Module):
     @property
     def channels(self) -> tuple[int, ...]:
         """Channels of each feature map, in `config.out_features` order."""
-        dims = (self.config.embed_dim,) + tuple(
-            self.config.stage_dim(i) for i in range(self.config.num_stages)
-        )
+        dims = _feature_channels(self.config)
         return tuple(dims[i] for i in self.config.out_indices)
 
     def __call__(
@@ -278,12 +303,7 @@ class NatBackbone(nnx.Module):
         rngs: RngsLike = None,
     ) -> BackboneOutput:
         """Feature maps of `images` `[B, H, W, C]`; see `NatModel.__call__` for the arguments."""
-        _check_images(images, self.config, type(self).__name__)
-        embed_key, keys = _dropout_keys(
-            self.config, self.encoder.num_layers, deterministic, rngs, type(self).__name__
-        )
-        x = self.embeddings(images, embed_key)
-        _, _, before = self.encoder(x, keys)
+        x, (_, _, before) = _embed_and_encode(self, images, deterministic, rngs)
         states = (x, *before)
         maps = tuple(
             jnp.transpose(self.hidden_states_norms[name](states[index]), (0, 3, 1, 2))

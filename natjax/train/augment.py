@@ -60,16 +60,20 @@ def random_resized_crop(
 
 
 def resize_center_crop(img: Image.Image, size: int, crop_pct: float) -> Image.Image:
-    """Eval transform: resize the short side to size / crop_pct, then centre-crop size x size."""
+    """Eval transform: resize the short side to size / crop_pct, then centre-crop size x size.
+
+    Rounds exactly as timm's eval pipeline (torchvision `Resize(int)` truncates the longer side,
+    `CenterCrop` rounds the offsets), bicubic. Also used by `natjax.predict.preprocess`.
+    """
     short = int(math.floor(size / crop_pct))
     w, h = img.size
     if w <= h:
-        nw, nh = short, int(round(h * short / w))
+        nw, nh = short, int(short * h / w)
     else:
-        nh, nw = short, int(round(w * short / h))
+        nw, nh = int(short * w / h), short
     img = img.resize((nw, nh), _RESAMPLE)
-    x0, y0 = (nw - size) // 2, (nh - size) // 2
-    return img.crop((x0, y0, x0 + size, y0 + size))
+    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+    return img.crop((left, top, left + size, top + size))
 
 
 # --- RandAugment (Cubuk et al. 2020; timm "rand-m9-mstd0.5-inc1" op set, increasing variant).
@@ -174,10 +178,8 @@ def train_transform(image: np.ndarray, rng: np.random.Generator, size: int, aug)
 
 def eval_transform(image: np.ndarray, size: int, crop_pct: float) -> np.ndarray:
     """Host-side eval transform -> uint8 (size, size, 3)."""
-    img = to_pil(image)
-    if img.size == (size, size):
-        return np.asarray(img, dtype=np.uint8)
-    return np.asarray(resize_center_crop(img, size, crop_pct), dtype=np.uint8)
+    # No shortcut for size x size inputs: with crop_pct < 1 they are zoomed in too (as timm).
+    return np.asarray(resize_center_crop(to_pil(image), size, crop_pct), dtype=np.uint8)
 
 
 # --- Device-side batch augmentations (inside jit).

@@ -1,7 +1,7 @@
 """Orbax checkpoints of the whole training state, restorable onto any mesh.
 
 Each checkpoint step holds two items:
-  * "state": {"params", "opt_state", "ema", "rng"} (sharded arrays, written asynchronously);
+  * "state": {"params", "opt_state", "ema"} (sharded arrays, written asynchronously);
   * "meta": JSON with the step, the loader position (next batch index), the seed and the config.
 Orbax writes to a temporary folder and renames it when complete, so a run killed mid-save
 leaves no half checkpoint behind. A checkpoint that is nevertheless damaged (files lost or
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -55,6 +54,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
+        """The saved steps, oldest first."""
         return sorted(self.manager.all_steps())
 
     def restore(self, step: int, target: dict) -> tuple[dict, dict]:
@@ -86,21 +86,21 @@ class Checkpointer:
                 )
         return None
 
+    def delete_after(self, step: int) -> list[int]:
+        """Deletes the checkpoints newer than `step` (those `restore_latest` had to skip).
+
+        A resumed run saves those steps again, which orbax refuses while the damaged ones
+        exist (`StepAlreadyExistsError`); every later resume would also retry them first.
+
+        Returns:
+          The deleted steps.
+        """
+        newer = [s for s in self.steps() if s > step]
+        for s in newer:
+            self.manager.delete(s)
+        return newer
+
     def close(self) -> None:
+        """Waits for pending saves and releases the manager."""
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def restore_params(directory: str | Path, target: Any) -> Any:
-    """Just the (EMA if present, else raw) parameters of the newest checkpoint in `directory`."""
-    ckpt = Checkpointer(directory, async_save=False)
-    try:
-        steps = ckpt.steps()
-        if not steps:
-            raise FileNotFoundError(f"{directory!s}: no natjax train checkpoints found.")
-        out = ckpt.restore_latest(target)
-        if out is None:
-            raise ValueError(f"{directory!s}: no checkpoint could be restored.")
-        return out
-    finally:
-        ckpt.close()

@@ -40,7 +40,10 @@ class DigitsSource:
         from sklearn.datasets import load_digits
 
         if split not in ("train", "validation", "test"):
-            raise ValueError(f"digits: split={split!r} is invalid; use train or validation.")
+            raise ValueError(
+                f"digits: split={split!r} is invalid; use train, validation or test (the same "
+                "360 held-out digits as validation)."
+            )
         d = load_digits()
         order = np.random.default_rng(1234).permutation(len(d.target))
         n_val = 360

@@ -25,7 +25,7 @@ from flax import nnx
 from natjax.train import data as data_lib
 from natjax.train import mesh as mesh_lib
 from natjax.train.checkpoint import Checkpointer
-from natjax.train.config import TrainConfig, to_dict
+from natjax.train.config import DataConfig, MeshConfig, TrainConfig, from_dict, to_dict
 from natjax.train.metrics import MetricsWriter
 from natjax.train.state import Trainer
 
@@ -41,13 +41,12 @@ class _Progress:
     """One status line (rewritten in place on a terminal, appended otherwise) plus messages.
 
     Args:
-      total: number of steps.
       enabled: show the status line (messages are shown regardless).
       is_main: only process 0 prints anything.
     """
 
-    def __init__(self, total: int, enabled: bool, is_main: bool = True) -> None:
-        self.total, self.enabled, self.is_main = total, enabled and is_main, is_main
+    def __init__(self, enabled: bool, is_main: bool = True) -> None:
+        self.enabled, self.is_main = enabled and is_main, is_main
         self.tty = sys.stderr.isatty()
 
     def update(self, text: str) -> None:
@@ -123,6 +122,26 @@ def _meta(cfg: TrainConfig, step: int, num_labels: int) -> dict:
     }
 
 
+def _resume_or_init(trainer: Trainer, ckpt: Checkpointer, cfg: TrainConfig, log) -> int:
+    """Restores the newest good checkpoint into `trainer` (else applies run.init_from).
+
+    Returns:
+      The step to continue from (0 for a fresh run).
+    """
+    restored = ckpt.restore_latest(trainer.state) if ckpt.steps() else None
+    if restored is None:
+        if cfg.run.init_from:
+            load_pretrained_params(trainer, cfg.run.init_from, log)
+        return 0
+    trainer.state, meta = restored
+    start = int(meta["loader_step"])
+    log(f"resumed from checkpoint step {start}")
+    damaged = ckpt.delete_after(int(meta["step"]))
+    if damaged:
+        log(f"deleted unrestorable checkpoint step(s) {damaged}")
+    return start
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training as configured.
 
@@ -135,7 +154,7 @@ def train(cfg: TrainConfig) -> dict:
     pidx, pcount = jax.process_index(), jax.process_count()
     is_main = pidx == 0
     workdir = Path(cfg.run.workdir).absolute()
-    progress = _Progress(0, cfg.run.progress, is_main)
+    progress = _Progress(cfg.run.progress, is_main)
     log = progress.message
 
     mesh = mesh_lib.make_mesh(cfg.mesh)
@@ -146,7 +165,6 @@ def train(cfg: TrainConfig) -> dict:
     eval_loader = data_lib.EvalLoader(eval_src, cfg.data, pidx, pcount)
     spe = loader.steps_per_epoch
     total = cfg.run.max_steps or max(1, int(round(cfg.optim.epochs * spe)))
-    progress.total = total
 
     trainer = Trainer(cfg, mesh, num_labels, spe)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
@@ -160,14 +178,11 @@ def train(cfg: TrainConfig) -> dict:
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "train_config.json").write_text(json.dumps(_meta(cfg, 0, num_labels), indent=1))
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.run.keep_checkpoints)
-    start = 0
-    restored = ckpt.restore_latest(trainer.state) if ckpt.steps() else None
-    if restored is not None:
-        trainer.state, meta = restored
-        start = int(meta["loader_step"])
-        log(f"resumed from checkpoint step {start}")
-    elif cfg.run.init_from:
-        load_pretrained_params(trainer, cfg.run.init_from, log)
+    try:
+        start = _resume_or_init(trainer, ckpt, cfg, log)
+    except BaseException:
+        ckpt.close()  # e.g. a bad run.init_from: release orbax's threads before raising
+        raise
 
     writer = MetricsWriter(workdir, enabled=is_main)
     stop = {"signal": None}
@@ -181,11 +196,12 @@ def train(cfg: TrainConfig) -> dict:
     step = start
     t_last, n_last = time.perf_counter(), start
     t_start = t_last
-    if start >= total:
-        log(f"already trained to step {start} (of {total}); evaluating only.")
-        last_eval = trainer.evaluate(eval_loader, use_ema=cfg.optim.ema_decay > 0)
-        log(f"eval @ step {start}: top-1 {last_eval['top1']:.4f} top-5 {last_eval['top5']:.4f}")
     try:
+        if start >= total:
+            log(f"already trained to step {start} (of {total}); evaluating only.")
+            last_eval = trainer.evaluate(eval_loader, use_ema=cfg.optim.ema_decay > 0)
+            top1, top5 = last_eval["top1"], last_eval["top5"]
+            log(f"eval @ step {start}: top-1 {top1:.4f} top-5 {top5:.4f}")
         batches = loader.iterate(start, max(start, total))
         for step in range(start, total):
             metrics = trainer.step(next(batches), step)
@@ -250,8 +266,6 @@ def evaluate_run(workdir: str, dataset: str | None, split: str | None, data_dir:
     Returns:
       {"top1", "top5", "loss", "count"}.
     """
-    from natjax.train.config import from_dict
-
     meta_path = Path(workdir) / "train_config.json"
     if not meta_path.is_file():
         if (Path(workdir) / "config.json").is_file():
@@ -277,7 +291,12 @@ def evaluate_run(workdir: str, dataset: str | None, split: str | None, data_dir:
             f"--dataset {cfg.data.dataset!r} has {src.num_classes} classes; "
             f"the model has {num_labels}."
         )
-    trainer = Trainer(cfg, mesh_lib.make_mesh(cfg.mesh), num_labels, steps_per_epoch=1)
+    try:
+        mesh = mesh_lib.make_mesh(cfg.mesh)
+    except ValueError:
+        # Trained on another device count: checkpoints restore onto any mesh, so use them all.
+        mesh = mesh_lib.make_mesh(MeshConfig())
+    trainer = Trainer(cfg, mesh, num_labels, steps_per_epoch=1)
     ckpt = Checkpointer(Path(workdir) / "checkpoints", async_save=False)
     try:
         if not ckpt.steps():
@@ -309,7 +328,6 @@ def evaluate_pretrained(
       {"top1", "top5", "loss", "count"}.
     """
     import natjax
-    from natjax.train.config import DataConfig, TrainConfig
 
     if not dataset:
         raise ValueError("--dataset is required to evaluate a converted checkpoint.")
@@ -331,8 +349,6 @@ def evaluate_pretrained(
             f"--dataset {dataset!r} has {src.num_classes} classes; the model has {num_labels}."
         )
     cfg = TrainConfig(data=data_cfg)
-    from natjax.train.config import MeshConfig
-
     trainer = Trainer(cfg, mesh_lib.make_mesh(MeshConfig()), num_labels, 1, model=model)
     loader = data_lib.EvalLoader(src, data_cfg, jax.process_index(), jax.process_count())
     return trainer.evaluate(loader)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,10 +30,6 @@ _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.floa
 # relative position biases), in addition to every parameter with ndim <= 1.
 NO_DECAY_KEYS = ("rpb", "relative_position_bias", "norm", "bias", "layernorm", "layer_scale")
 
-# Hook for tests and advanced users: a callable (TrainConfig, num_labels, rngs) -> nnx.Module
-# replacing natjax.models' NatForImageClassification.
-MODEL_FACTORY: Callable | None = None
-
 
 def nat_config(cfg: TrainConfig, num_labels: int):
     """The NatConfig: the preset, the overrides, the augment-independent drop-path, num_labels."""
@@ -52,8 +47,6 @@ def nat_config(cfg: TrainConfig, num_labels: int):
 def build_model(cfg: TrainConfig, num_labels: int, seed: int) -> nnx.Module:
     """Builds the classifier with float32 parameters and `cfg.model.dtype` compute."""
     rngs = nnx.Rngs(params=seed, dropout=jax.random.fold_in(jax.random.key(seed), 1))
-    if MODEL_FACTORY is not None:
-        return MODEL_FACTORY(cfg, num_labels, rngs)
     from natjax import models
 
     return models.NatForImageClassification(

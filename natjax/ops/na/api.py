@@ -105,7 +105,10 @@ def _check_inputs(ndim: int, query, key, value, rpb) -> None:
     if 0 in query.shape:
         raise ValueError(f"{name}: inputs must not have empty axes, got {tuple(query.shape)}.")
     if rpb is not None and (not hasattr(rpb, "dtype") or rpb.dtype not in _FLOAT_DTYPES):
-        raise ValueError(f"{name}: `rpb` must be a float array or None.")
+        got = getattr(rpb, "dtype", type(rpb).__name__)
+        raise ValueError(
+            f"{name}: `rpb` must be a float16/bfloat16/float32/float64 array or None, got {got}."
+        )
 
 
 def _neighborhood_attention(
@@ -152,7 +155,8 @@ _DOC = """Neighborhood attention over {n} spatial axis(es) with NATTEN <= 0.17 s
       is_causal: bool, or one per axis.
       rpb: relative positional bias `[heads, {rpb}]` or None.
       scale: factor on `q.k`; default `head_dim ** -0.5`.
-      return_lse: also return the log-sum-exp of the logits, `[batch, {axes}, heads]`, float32.
+      return_lse: also return the log-sum-exp of the logits, `[batch, {axes}, heads]`, float32
+        (float64 for float64 inputs).
       implementation: None (fastest available), "xla", "reference" or "pallas".
 
     Returns:

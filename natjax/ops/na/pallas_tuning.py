@@ -82,7 +82,8 @@ def default_config(params: NAParams, head_dim: int, dtype) -> NATileConfig:
     Args:
       params: the call's window arguments.
       head_dim: size of the head dimension (before padding).
-      dtype: input dtype (float32 tiles are kept smaller: twice the register bytes).
+      dtype: input dtype; not used yet (no GPU measurements to tune per-dtype tiles from),
+        kept so that callers need not change when it is.
 
     Returns:
       A validated `NATileConfig`.

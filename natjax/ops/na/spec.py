@@ -22,8 +22,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
 
 @dataclasses.dataclass(frozen=True)
 class AxisWindows:
@@ -111,7 +109,11 @@ def _per_axis(name: str, value, ndim: int, kind: type) -> tuple:
                 f"`{name}` must have one entry per spatial axis ({ndim}), got {value!r}."
             )
         ok = all(
-            (isinstance(v, kind) or (kind is int and isinstance(v, np.integer)))
+            (
+                isinstance(v, kind)
+                or (kind is int and isinstance(v, np.integer))
+                or (kind is bool and isinstance(v, np.bool_))
+            )
             and not (kind is int and isinstance(v, bool))
             for v in items
         )
@@ -119,7 +121,8 @@ def _per_axis(name: str, value, ndim: int, kind: type) -> tuple:
             raise ValueError(f"`{name}` entries must be {kind.__name__}s, got {value!r}.")
         return tuple(kind(v) for v in items)
     raise ValueError(
-        f"`{name}` must be a {kind.__name__} or a sequence of {ndim} {kind.__name__}s, "
+        f"`{name}` must be {'an' if kind is int else 'a'} {kind.__name__} or a sequence of "
+        f"{ndim} {kind.__name__}s, "
         f"got {value!r}."
     )
 

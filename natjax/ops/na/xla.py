@@ -257,7 +257,7 @@ class _Core:
         m = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - m)
         denom = jnp.sum(e, axis=-1, keepdims=True)
-        out = self.av(e / denom, v)
+        out = self.av(e, v) / denom  # divides N x D values instead of N x KV
         lse = (m + jnp.log(denom))[..., 0]
         return out, lse
 
@@ -324,20 +324,25 @@ def _cpu_chunk(batch: int, per_item_bytes: int) -> int | None:
     return None if chunk >= batch else chunk
 
 
-def _map_batch(fn, arrays, chunk: int | None):
+def _map_batch(fn, arrays, chunk: int | None, pad_values=None):
     """`fn(*arrays) -> (per_item_outputs, summed)` run over batch chunks with a `lax.scan`.
 
     `per_item_outputs` (a tuple of arrays with the batch leading) are concatenated back;
-    `summed` (an array or None) is accumulated over chunks.
+    `summed` (an array or None) is accumulated over chunks. The last chunk is padded with
+    `pad_values` (one per array, default 0), e.g. an infinite lse so padded items have zero
+    probabilities and contribute nothing (not NaN) to `summed`.
     """
     if chunk is None:
         return fn(*arrays)
     batch = arrays[0].shape[0]
     n = -(-batch // chunk)
     pad = n * chunk - batch
+    pad_values = pad_values or (0,) * len(arrays)
     xs = [
-        jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape((n, chunk) + x.shape[1:])
-        for x in arrays
+        jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=c).reshape(
+            (n, chunk) + x.shape[1:]
+        )
+        for x, c in zip(arrays, pad_values, strict=True)
     ]
     _, summed_shape = jax.eval_shape(fn, *[x[0] for x in xs])
     init = None if summed_shape is None else jnp.zeros(summed_shape.shape, summed_shape.dtype)
@@ -394,7 +399,9 @@ def _backward(params: NAParams, res, cts):
             dq, dk, dv, dr = core.backward(q_, k_, v_, rpb_c, o_, l_, do_, dl_, params.scale)
             return (dq, dk, dv), dr
 
-        (dq, dk, dv), dr = _map_batch(bwd, piece, _piece_chunk(piece[0], params))
+        # Padded items get lse = +inf: zero probabilities, no NaN in the summed bias gradient.
+        pads = (0, 0, 0, 0, 0, jnp.inf, 0)
+        (dq, dk, dv), dr = _map_batch(bwd, piece, _piece_chunk(piece[0], params), pads)
         for acc, g in zip(grads, (dq, dk, dv), strict=True):
             acc.append(g)
         if dr is not None:
@@ -427,6 +434,6 @@ def na_xla(q, k, v, rpb, params: NAParams):
       params: validated window arguments.
 
     Returns:
-      (out in q's dtype, lse `[batch, *spatial, heads]` float32).
+      (out in q's dtype, lse `[batch, *spatial, heads]` float32 (float64 for float64 inputs)).
     """
     return _na(q, k, v, rpb, params)

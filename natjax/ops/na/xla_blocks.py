@@ -183,7 +183,7 @@ class LastAxisBand:
         bd, L, K = self.border, self.L, self.K
         p_int = p
         if bd:
-            zeros = jnp.zeros(p.shape[:-2] + (bd, K), p.dtype)
+            zeros = jnp.zeros_like(p[..., :bd, :])  # keeps p's sharding on explicit meshes
             p_int = self._with_borders(p, zeros, zeros)
         h = jnp.einsum("...ts,...td->...sd", self._unskew(self._tiles(p_int)), self._tiles(a))
         y = self._overlap_add(h)
