@@ -4,7 +4,7 @@ A `NATileConfig` fixes the query tile of the forward / dq kernels (also the key 
 kernel) and the Triton launch parameters. Tiles are boxes in *dilation-group* coordinates, one
 power-of-two extent per spatial axis, because Triton tensors must have power-of-two shapes.
 `default_config` picks one from the kernel size and head dim (a heuristic; no GPU tuning has
-been measured for it yet, see docs/team/pallas.md).
+been measured for it yet, see docs/pallas.md).
 """
 
 from __future__ import annotations
