@@ -447,3 +447,37 @@ def test_eval_cli_on_converted_checkpoint(tmp_path, capsys):
     assert out["count"] == 360 and 0.0 <= out["top1"] <= out["top5"] <= 1.0
     assert main(["eval", "--model", str(tmp_path / "m5"), *args]) == 2
     assert "has 10 classes; the model has 5" in capsys.readouterr().err
+
+
+def test_folder_dataset_for_users_own_images(tmp_path):
+    """`folder:/path` reads `<split>/<class>/<image>`: classes are the sorted folder names,
+    training batches are augmented to the network size and eval batches are padded and masked."""
+    from PIL import Image
+
+    from natjax.train.data import BatchLoader, EvalLoader, make_source
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 3), ("validation", 2)):
+        for cls in ("dog", "cat"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+            (folder / "notes.txt").write_text("not an image")
+    cfg = C.DataConfig(dataset=f"folder:{tmp_path}", image_size=16, batch_size=4,
+                       eval_batch_size=3)  # fmt: skip
+    train = make_source(cfg, "train")
+    assert train.classes == ["cat", "dog"] and len(train) == 6
+    loader = BatchLoader(train, cfg, C.AugmentConfig(), seed=0)
+    batch = loader.batch(0)
+    assert batch["image"].shape == (4, 16, 16, 3) and batch["image"].dtype == np.uint8
+    assert set(batch["label"].tolist()) <= {0, 1}
+    np.testing.assert_array_equal(loader.batch(0)["image"], batch["image"])  # pure in the step
+    val = EvalLoader(make_source(cfg, "validation"), cfg)
+    assert val.num_batches == 2
+    last = val.batch(1)
+    assert last["mask"].tolist() == [True, False, False]
+    assert last["label"][0] == 1  # the sorted order: cat 0, cat 1, dog 0, dog 1
+    with pytest.raises(FileNotFoundError, match="no folder"):
+        make_source(cfg, "test")
