@@ -481,3 +481,34 @@ def test_folder_dataset_for_users_own_images(tmp_path):
     assert last["label"][0] == 1  # the sorted order: cat 0, cat 1, dog 0, dog 1
     with pytest.raises(FileNotFoundError, match="no folder"):
         make_source(cfg, "test")
+
+
+def test_grad_accumulation_equals_one_large_batch():
+    """With no stochastic augmentation or dropout, accumulating 2 micro-batches gives the same
+    loss and the same updated parameters as one step on the whole batch."""
+    import jax
+
+    from natjax.train import mesh as mesh_lib
+    from natjax.train.state import Trainer
+
+    deterministic = [
+        "model.overrides={'embed_dim': 16, 'depths': (1, 1), 'num_heads': (1, 2), "
+        "'kernel_size': 3, 'drop_path_rate': 0.0}",
+        "augment.mixup=0.0",
+        "augment.cutmix=0.0",
+        "augment.erase_prob=0.0",
+    ]
+    base = C.apply_overrides(C.load_config(None), TINY + deterministic)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, (8,)).astype(np.int32)
+    results = []
+    for accum in (1, 2):
+        cfg = C.apply_overrides(base, [f"optim.grad_accum={accum}", "data.batch_size=8"])
+        trainer = Trainer(cfg, mesh_lib.make_mesh(cfg.mesh), 10, steps_per_epoch=10)
+        state, metrics = trainer.train_step(trainer.state, images, labels, 3)
+        results.append((float(metrics["loss"]), jax.device_get(state["params"])))
+    (loss1, p1), (loss2, p2) = results
+    np.testing.assert_allclose(loss2, loss1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
