@@ -238,6 +238,8 @@ def test_dropout_and_drop_path_are_active_only_in_training():
     assert np.all(np.isfinite(a))
     with pytest.raises(ValueError, match="rngs"):
         model(TINY_IMAGES, deterministic=False)
+    with pytest.raises(ValueError, match="no 'dropout' stream"):
+        model(TINY_IMAGES, deterministic=False, rngs=nnx.Rngs(params=0))
 
 
 def test_gradient_step_changes_parameters_and_remat_matches():

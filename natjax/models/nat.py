@@ -77,7 +77,15 @@ def _dropout_keys(
             f"{name}: `rngs` is required with deterministic=False (dropout/drop-path are active); "
             "pass rngs=nnx.Rngs(dropout=seed) or a jax.random key."
         )
-    key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+    if isinstance(rngs, nnx.Rngs):
+        if "dropout" not in rngs and "default" not in rngs:
+            raise ValueError(
+                f"{name}: `rngs` has no 'dropout' stream (needed with deterministic=False); "
+                "pass rngs=nnx.Rngs(dropout=seed) or a jax.random key."
+            )
+        key = rngs.dropout()
+    else:
+        key = rngs
     keys = list(jax.random.split(key, num_layers + 1))
     return keys[0], keys[1:]
 

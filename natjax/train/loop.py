@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -190,7 +191,13 @@ def train(cfg: TrainConfig) -> dict:
     def on_signal(signum, _frame):
         stop["signal"] = signum
 
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # Python only lets the main thread install signal handlers; elsewhere (a training run started
+    # from a worker thread) SIGTERM keeps its default behaviour.
+    old_handlers = (
+        {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        if threading.current_thread() is threading.main_thread()
+        else {}
+    )
     eval_every = cfg.run.eval_every or spe
     last_eval: dict = {}
     step = start
