@@ -282,6 +282,30 @@ def _key_block(geo: Geometry, groups, glen, hs, hn, step, rows: int):
     return [kz, ky, kx], valid, kflat
 
 
+def _halo_stepper(geo: Geometry, groups, tiles, glen, qpos, qvalid, q, k_ref, v_ref, rpb_ref,
+                  rows: int):  # fmt: skip
+    """The loop over a query tile's key halo, shared by the forward and dq kernels.
+
+    Returns `(step_scores, hs, hn)`: `step_scores(step)` loads that step's `rows` halo rows and
+    gives `(scores [nq, nk], mask, k, v, kpos)`; `hs`/`hn` are the halo's start and extent.
+    """
+    wstart = [_win_start(a, p, g)[:, None] for a, p, g in zip(geo.axes, qpos, glen, strict=True)]
+    qpos2 = [p[:, None] for p in qpos]
+    hs, hn = _halo(geo, tiles, glen)
+
+    def step_scores(step):
+        kpos, kvalid, kflat = _key_block(geo, groups, glen, hs, hn, step, rows)
+        k = _rows(k_ref, kflat, geo)
+        v = _rows(v_ref, kflat, geo)
+        s, mask = _scores(
+            geo, q, k, qpos2, [p[None, :] for p in kpos], qvalid[:, None], kvalid[None, :],
+            wstart, rpb_ref,
+        )  # fmt: skip
+        return s, mask, k, v, kpos
+
+    return step_scores, hs, hn
+
+
 def _n_steps(total, rows: int):
     return _div(total + (rows - 1), rows)
 
@@ -296,20 +320,14 @@ def forward_kernel(q_ref, k_ref, v_ref, *refs, geo: Geometry):
     o_ref, lse_ref = refs[-2:]
     groups, tiles, glen, qpos, qvalid, qflat = _query_tile(geo)
     q = _rows(q_ref, qflat, geo)
-    wstart = [_win_start(a, p, g)[:, None] for a, p, g in zip(geo.axes, qpos, glen, strict=True)]
-    qpos2 = [p[:, None] for p in qpos]
-    hs, hn = _halo(geo, tiles, glen)
     rows = geo.rows_per_step
+    step_scores, hs, hn = _halo_stepper(
+        geo, groups, tiles, glen, qpos, qvalid, q, k_ref, v_ref, rpb_ref, rows
+    )
 
     def body(step, carry):
         acc, m, denom = carry
-        kpos, kvalid, kflat = _key_block(geo, groups, glen, hs, hn, step, rows)
-        k = _rows(k_ref, kflat, geo)
-        v = _rows(v_ref, kflat, geo)
-        s, _ = _scores(
-            geo, q, k, qpos2, [p[None, :] for p in kpos], qvalid[:, None], kvalid[None, :],
-            wstart, rpb_ref,
-        )  # fmt: skip
+        s, _, _, v, _ = step_scores(step)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[:, None])
@@ -338,23 +356,17 @@ def dq_kernel(q_ref, k_ref, v_ref, *refs, geo: Geometry):
     do = _rows(do_ref, qflat, geo)
     lse = lse_ref[qflat]
     di = di_ref[qflat]
-    wstart = [_win_start(a, p, g)[:, None] for a, p, g in zip(geo.axes, qpos, glen, strict=True)]
-    qpos2 = [p[:, None] for p in qpos]
-    hs, hn = _halo(geo, tiles, glen)
     (az, ay, ax_) = geo.axes
     r_outer, r_x = geo.drpb_shape
     # The bias-gradient binning below needs one halo row per step (one (z, y) bin per query).
     rows = 1 if drpb_ref is not None else geo.rows_per_step
+    step_scores, hs, hn = _halo_stepper(
+        geo, groups, tiles, glen, qpos, qvalid, q, k_ref, v_ref, rpb_ref, rows
+    )
 
     def body(step, carry):
         dq, drpb = carry
-        kpos, kvalid, kflat = _key_block(geo, groups, glen, hs, hn, step, rows)
-        k = _rows(k_ref, kflat, geo)
-        v = _rows(v_ref, kflat, geo)
-        s, mask = _scores(
-            geo, q, k, qpos2, [p[None, :] for p in kpos], qvalid[:, None], kvalid[None, :],
-            wstart, rpb_ref,
-        )  # fmt: skip
+        s, mask, k, v, kpos = step_scores(step)
         p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
         dp = _dot(do, v, trans_b=True)
         ds = p * (dp - di[:, None])
@@ -364,7 +376,7 @@ def dq_kernel(q_ref, k_ref, v_ref, *refs, geo: Geometry):
             # the (z, y) bin of each query with a one-hot matmul. Masked entries have ds == 0.
             kz = hs[0] + _div(step, hn[1])  # this step's single halo row
             ky = hs[1] + _rem(step, hn[1])
-            rel_x = kpos[2][None, :] - qpos2[2] + ax_.kernel - 1  # [nq, halo_x]
+            rel_x = kpos[2][None, :] - qpos[2][:, None] + ax_.kernel - 1  # [nq, halo_x]
             bins_x = jnp.arange(r_x, dtype=jnp.int32)
             onehot_x = rel_x[:, :, None] == bins_x[None, None, :]
             per_q = jnp.sum(jnp.where(onehot_x, ds[:, :, None], 0.0), axis=1)  # [nq, r_x]
