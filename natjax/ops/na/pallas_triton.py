@@ -29,7 +29,7 @@ Backward math (FlashAttention-2 style, from the saved `lse`): `p = exp(s - lse)`
 The kernels themselves live in `pallas_kernels`; this module holds the `pallas_call`s, the
 layout, the custom VJP and the public entry points.
 
-Sharding: each kernel op goes through `pallas_partition.batch_head_parallel` (`shard_map` on
+Sharding: each kernel op goes through `partition.batch_head_parallel` (`shard_map` on
 explicit-axes meshes, `custom_partitioning` otherwise, plus a `custom_vmap` rule), so under
 `jax.jit` with batch/head-sharded inputs every device runs the kernels on its own shard (no
 all-gather; the bias gradient's batch sum is the only collective).
@@ -52,9 +52,10 @@ from natjax.ops.na.pallas_kernels import (
     forward_kernel,
     make_geometry,
 )
-from natjax.ops.na.pallas_partition import batch_head_parallel
 from natjax.ops.na.pallas_tuning import NATileConfig, default_config
+from natjax.ops.na.partition import batch_head_parallel
 from natjax.ops.na.spec import NAParams
+from natjax.ops.na.vjp import na_custom_vjp
 
 _MAX_KERNEL = 13
 _MAX_HEAD_DIM = 128
@@ -183,16 +184,6 @@ def _na_forward(geo: Geometry, q, k, v, rpb):
     return _from_rows(out, q), lse.reshape(q.shape[:-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _na(geo, q, k, v, rpb):
-    return _na_forward(geo, q, k, v, rpb)
-
-
-def _na_fwd(geo, q, k, v, rpb):
-    out, lse = _na_forward(geo, q, k, v, rpb)
-    return (out, lse), (q, k, v, rpb, out, lse)
-
-
 def _na_bwd(geo, res, cts):
     q, k, v, rpb, out, lse = res
     d_out, d_lse = cts
@@ -214,7 +205,7 @@ def _na_bwd(geo, res, cts):
     return dq, dk, dv, drpb
 
 
-_na.defvjp(_na_fwd, _na_bwd)
+_na = na_custom_vjp(_na_forward, _na_bwd)
 
 
 # --------------------------------------------------------------------------------------------

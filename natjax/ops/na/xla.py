@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natjax.ops.na.spec import NAParams, axis_windows
+from natjax.ops.na.vjp import na_custom_vjp
 from natjax.ops.na.xla_blocks import LastAxisBand, OuterShift
 
 # --------------------------------------------------------------------------------------------
@@ -362,7 +363,7 @@ def _piece_chunk(piece, params: NAParams) -> int | None:
     return _cpu_chunk(piece.shape[0], per_item)
 
 
-def _forward(q, k, v, rpb, params: NAParams):
+def _forward(params: NAParams, q, k, v, rpb):
     spatial = tuple(q.shape[1:-2])
     ct = _compute_dtype(q.dtype)
     split = _DilationSplit(spatial, params.dilation)
@@ -412,17 +413,7 @@ def _backward(params: NAParams, res, cts):
     return dq, dk, dv, drpb
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _na(q, k, v, rpb, params):
-    return _forward(q, k, v, rpb, params)
-
-
-def _na_fwd(q, k, v, rpb, params):
-    out, lse = _forward(q, k, v, rpb, params)
-    return (out, lse), (q, k, v, rpb, out, lse)
-
-
-_na.defvjp(_na_fwd, _backward)
+_na = na_custom_vjp(_forward, _backward)
 
 
 def na_xla(q, k, v, rpb, params: NAParams):
@@ -436,4 +427,4 @@ def na_xla(q, k, v, rpb, params: NAParams):
     Returns:
       (out in q's dtype, lse `[batch, *spatial, heads]` float32 (float64 for float64 inputs)).
     """
-    return _na(q, k, v, rpb, params)
+    return _na(params, q, k, v, rpb)
