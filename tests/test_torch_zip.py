@@ -21,13 +21,14 @@ import pytest
 from golden import golden_dir, golden_file
 from safetensors.numpy import load_file
 
-from natjax.convert import torch_zip
+from natjax.convert import torch_tensors, torch_zip
 from natjax.convert.torch_zip import (
     load_torch_state_dict,
     read_torch_zip,
     save_torch_state_dict,
     select_state_dict,
 )
+from natjax.convert.zip_records import StoredZip
 
 
 # ------------------------------------------------------------------------ fake torch (tests)
@@ -125,7 +126,8 @@ def test_golden_original_pth_parses(name):
     hf = load_file(str(golden_dir(name) / "model.safetensors"))
     # The original file holds the same numbers: its classifier equals the HF classifier.
     np.testing.assert_array_equal(state["head.weight"], hf["classifier.weight"])
-    assert all(v.flags.c_contiguous and v.flags.writeable for v in state.values())
+    # Each tensor is a read-only view of its storage's bytes (no copy), C-contiguous as saved.
+    assert all(v.flags.c_contiguous and not v.flags.writeable for v in state.values())
 
 
 # --------------------------------------------------------------------------------- security
@@ -226,7 +228,7 @@ def test_short_storage_record_and_bad_pickle(tmp_path, fake_torch):
     cut = tmp_path / "cut.pth"
     with zipfile.ZipFile(path) as src, zipfile.ZipFile(cut, "w") as dst:
         dst.writestr("archive/data.pkl", src.read("archive/data.pkl")[:12])
-    with pytest.raises(ValueError, match="corrupt checkpoint pickle"):
+    with pytest.raises(ValueError, match=r"cut\.pth: .*truncated"):
         load_torch_state_dict(cut)
 
 
@@ -267,9 +269,11 @@ def test_offset_stride_shared_storage_parameter_and_nesting(tmp_path, fake_torch
     assert key == "model"
     np.testing.assert_array_equal(state["t"], base[2:22].reshape(4, 5).T)
     np.testing.assert_array_equal(state["p"], base[20:24].reshape(2, 2))
-    assert state["t"].flags.c_contiguous
-    state["p"][0, 0] = -1  # results own their memory: no aliasing between tensors
-    assert state["t"].min() >= 0
+    # Both are views of the one storage (as in torch), read-only so that no edit aliases.
+    assert np.shares_memory(state["t"], state["p"])
+    assert not state["t"].flags.writeable and not state["p"].flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        state["p"][0, 0] = -1
     with pytest.raises(ValueError, match="key 'ema'"):
         select_state_dict(raw, "ema")
 
@@ -321,17 +325,29 @@ def test_build_opcode_cannot_poison_the_allow_list(tmp_path):
     path = tmp_path / "build.pth"
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("archive/data.pkl", payload)
-    with pytest.raises(ValueError, match=r"build\.pth: refusing to modify _StorageType"):
+    with pytest.raises(ValueError, match=r"build\.pth: BUILD .* on a global is refused"):
         read_torch_zip(path)
-    assert torch_zip._ALLOWED[("torch", "FloatStorage")].dtype == np.float32
+    # Second lock, behind the pre-scan: the stand-ins themselves refuse BUILD.
+    with StoredZip(path) as archive:
+        load = torch_tensors.Load(archive, "archive/", "little", 2**20)
+        with pytest.raises(ValueError, match="refusing to modify _StorageType"):
+            torch_zip._RestrictedUnpickler(io.BytesIO(payload), load).load()
+    assert torch_tensors.CONSTANTS[("torch", "FloatStorage")].dtype == np.float32
     assert load_torch_state_dict(golden_file("nat_rand", "pytorch_model.bin"))
 
 
-def test_overlapping_view_larger_than_its_storage_is_refused(tmp_path, fake_torch):
-    # A 1-element storage viewed as 1000x1000 with zero strides: the copy would amplify a tiny
-    # file into an unbounded allocation.
+def test_expanded_views_are_views_and_bounded(tmp_path, fake_torch):
+    # torch.save of `x.expand(...)` stores one storage with zero strides: read as a view.
+    s = storage_of(fake_torch, np.arange(3, dtype=np.float32), "FloatStorage", "0")
+    path = tmp_path / "expand_small.pth"
+    craft_zip(path, {"w": _FakeTensor(s, 0, (4, 3), (0, 1))})
+    w = load_torch_state_dict(path)["w"]
+    np.testing.assert_array_equal(w, np.broadcast_to(np.arange(3, dtype=np.float32), (4, 3)))
+    assert w.strides == (0, 4)
+    # 1 element viewed as 1000x1000 (4 MB from a ~500-byte file): any caller copying it would
+    # amplify a tiny file into an unbounded allocation, so the viewed bytes are bounded too.
     s = storage_of(fake_torch, np.ones(1, np.float32), "FloatStorage", "0")
     path = tmp_path / "expand.pth"
     craft_zip(path, {"w": _FakeTensor(s, 0, (1000, 1000), (0, 0))})
-    with pytest.raises(ValueError, match=r"expand\.pth: .*1000000 elements .*overlapping"):
+    with pytest.raises(ValueError, match=r"expand\.pth: the tensors view 4000000 bytes"):
         load_torch_state_dict(path)

@@ -1,4 +1,4 @@
-"""Read (and write) PyTorch `torch.save` zip checkpoints without PyTorch.
+"""Read PyTorch `torch.save` zip checkpoints without PyTorch, in bounded time and memory.
 
 A `torch.save` file (PyTorch >= 1.6, `.bin` / `.pth` / `.pt`) is a zip archive::
 
@@ -12,348 +12,245 @@ A `torch.save` file (PyTorch >= 1.6, `.bin` / `.pth` / `.pt`) is a zip archive::
 Security: unpickling runs whatever callables the pickle names, so a checkpoint from the
 internet is a program. `_RestrictedUnpickler.find_class` therefore resolves only an explicit
 allow-list of names (tensor/parameter rebuild functions, storage classes, dtypes and
-`collections.OrderedDict`) to small numpy stand-ins defined in this module; nothing is ever
-imported from the file, and every other global is refused with a `ValueError` naming it.
-PyTorch itself is never imported.
+`collections.OrderedDict`) to small numpy stand-ins (`torch_tensors`); nothing is ever imported
+from the file, and every other global is refused with a `ValueError` naming it. PyTorch itself
+is never imported.
+
+Hostile files: before anything is built, `zip_records.StoredZip` checks the whole zip directory
+(stored, unencrypted, in-bounds, disjoint records) and `pickle_scan.scan_pickle` the whole
+opcode stream (declared lengths, memo indices, nesting depth, estimated heap, hash-flooding
+keys, BUILD targets). Storages are read once and tensors are views of them; storage bytes and
+viewed bytes are capped by `max_bytes` (default 16 GiB, or $NATJAX_MAX_CHECKPOINT_BYTES) and the
+views by `VIEW_FACTOR` x the file size. Every malformed file gives one `ValueError` naming it.
 """
 
 from __future__ import annotations
 
-import collections
-import hashlib
 import io
 import logging
-import math
 import os
 import pickle
+import struct
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
+from natjax.convert import pickle_scan
+from natjax.convert.torch_save import save_torch_state_dict
+from natjax.convert.torch_tensors import (
+    CONSTANTS,
+    FUNCTIONS,
+    MAX_BYTES_ENV,
+    SCAN_KINDS,
+    VIEW_FACTOR,
+    Factory,
+    Load,
+)
+from natjax.convert.zip_records import StoredZip
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "MAX_BYTES_ENV",
+    "MAX_PICKLE_BYTES",
+    "STATE_DICT_KEYS",
+    "VIEW_FACTOR",
+    "load_torch_state_dict",
+    "read_torch_zip",
+    "resolve_max_bytes",
+    "save_torch_state_dict",
+    "select_state_dict",
+]
+
 logger = logging.getLogger(__name__)
-
-# PyTorch storage class name -> numpy dtype. These are the names `torch.save` writes in the
-# storage persistent id (`torch.<Name>Storage`), see torch/storage.py `_pickle_storage_type`.
-_STORAGE_DTYPES: dict[str, np.dtype] = {
-    "DoubleStorage": np.dtype(np.float64),
-    "FloatStorage": np.dtype(np.float32),
-    "HalfStorage": np.dtype(np.float16),
-    "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
-    "LongStorage": np.dtype(np.int64),
-    "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16),
-    "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8),
-    "BoolStorage": np.dtype(np.bool_),
-    "ComplexFloatStorage": np.dtype(np.complex64),
-    "ComplexDoubleStorage": np.dtype(np.complex128),
-    # Untyped storages count bytes; `_rebuild_tensor_v3` then names the dtype explicitly.
-    "UntypedStorage": np.dtype(np.uint8),
-}
-
-# `torch.<dtype>` attribute -> numpy dtype (used by `_rebuild_tensor_v3`).
-_TORCH_DTYPES: dict[str, np.dtype] = {
-    "float64": np.dtype(np.float64),
-    "float32": np.dtype(np.float32),
-    "float16": np.dtype(np.float16),
-    "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "int64": np.dtype(np.int64),
-    "int32": np.dtype(np.int32),
-    "int16": np.dtype(np.int16),
-    "int8": np.dtype(np.int8),
-    "uint8": np.dtype(np.uint8),
-    "uint16": np.dtype(np.uint16),
-    "uint32": np.dtype(np.uint32),
-    "uint64": np.dtype(np.uint64),
-    "bool": np.dtype(np.bool_),
-    "complex64": np.dtype(np.complex64),
-    "complex128": np.dtype(np.complex128),
-    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
-    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
-}
 
 # Keys under which training scripts (timm, the SHI-Labs classification code, DeiT...) nest the
 # weights, in order of preference. Plain weights come before EMA weights.
 STATE_DICT_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "module", "net")
 
 
-class _NoBuild:
-    """Refuses the pickle BUILD opcode, which would otherwise overwrite the object's `__dict__`.
+# Far above any NAT/DiNAT checkpoint (the largest, ~200M parameters with Adam moments in float32,
+# is ~2.5 GB) and far below what would exhaust a workstation; raise it with `max_bytes=` or the
+# environment variable for bigger files.
+DEFAULT_MAX_BYTES = 16 * 2**30
+# torch pickles ~130 bytes per tensor, so 4 MiB is ~30,000 tensors (NAT/DiNAT checkpoints have a
+# few hundred, x3 with optimizer state). The pre-scan is pure Python (~1-2 us per opcode), so this
+# also bounds the time a hostile pickle costs. Module constant: raise it here if you must.
+MAX_PICKLE_BYTES = 4 * 2**20
+# Heap the unpickler may build, under the cost model of `pickle_scan` (which never frees, as the
+# memo keeps every object alive): the golden torch pickles need 14-17 bytes per pickle byte.
+_HEAP_PER_PICKLE_BYTE = 32
+_HEAP_FLOOR = 8 * 2**20
 
-    Without this a file could rewrite the module-level allow-list stand-ins (e.g. the dtype of
-    `torch.FloatStorage`) and so corrupt every later load in the process.
+
+def resolve_max_bytes(max_bytes: int | None = None) -> int:
+    """The cap on a checkpoint's tensor data: `max_bytes`, else $NATJAX_MAX_CHECKPOINT_BYTES,
+    else `DEFAULT_MAX_BYTES` (16 GiB).
+
+    Raises:
+      ValueError: the argument or the environment variable is not a positive integer.
     """
-
-    def __setstate__(self, state: object) -> None:
-        raise ValueError(f"refusing to modify {type(self).__name__} (pickle BUILD opcode)")
-
-
-@dataclass(frozen=True)
-class _StorageType(_NoBuild):
-    """Stand-in for a `torch.<Name>Storage` class: only carries the element dtype."""
-
-    name: str
-    dtype: np.dtype
-
-
-@dataclass(frozen=True)
-class _TorchDtype(_NoBuild):
-    """Stand-in for a `torch.<dtype>` object."""
-
-    name: str
-    dtype: np.dtype
-
-
-@dataclass
-class _Storage(_NoBuild):
-    """A storage resolved from the archive: a flat numpy array of `numel` elements."""
-
-    data: np.ndarray
-
-
-def _as_strided(
-    storage: _Storage, offset: int, size: tuple, stride: tuple, dtype: np.dtype | None = None
-) -> np.ndarray:
-    """Materialise `storage[offset:]` viewed with `size`/`stride` (in elements) as a new array.
-
-    Mirrors `torch.Tensor.set_(storage, offset, size, stride)`; the result owns its memory,
-    is C-contiguous and writable, so later edits never alias other tensors of the same storage.
-    """
-    if not isinstance(storage, _Storage):
-        raise ValueError(f"tensor storage is {type(storage).__name__}, expected a storage record")
-    flat = storage.data
-    if dtype is not None and dtype != flat.dtype:
-        # `_rebuild_tensor_v3`: the storage is untyped bytes, the tensor dtype comes separately.
-        if flat.nbytes % dtype.itemsize:
-            raise ValueError(f"storage of {flat.nbytes} bytes is not a whole number of {dtype}")
-        flat = flat.view(dtype)
-    size = tuple(int(s) for s in size)
-    stride = tuple(int(s) for s in stride)
-    offset = int(offset)
-    if len(size) != len(stride) or any(s < 0 for s in size) or offset < 0:
-        raise ValueError(f"invalid tensor geometry: offset={offset} size={size} stride={stride}")
-    numel = math.prod(size)
-    if numel == 0:
-        return np.zeros(size, dtype=flat.dtype)
-    if numel > flat.size:
-        # Only overlapping strides (e.g. stride 0) read more elements than the storage holds;
-        # the copy below would let a tiny file allocate without bound.
-        raise ValueError(
-            f"tensor (size={size}, stride={stride}) has {numel} elements but its storage only "
-            f"{flat.size}: overlapping views are not supported (save `tensor.clone()` instead)"
-        )
-    last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
-    if any(st < 0 for st in stride) or last >= flat.size:
-        raise ValueError(
-            f"tensor (offset={offset}, size={size}, stride={stride}) reads past its storage "
-            f"of {flat.size} elements: the file is corrupt"
-        )
-    view = np.lib.stride_tricks.as_strided(
-        flat[offset:],
-        shape=size,
-        strides=tuple(st * flat.itemsize for st in stride),
-        writeable=False,
-    )
-    return np.array(view, order="C", copy=True)
-
-
-def _rebuild_tensor_v2(
-    storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None
-):
-    """numpy stand-in for `torch._utils._rebuild_tensor_v2`."""
-    del requires_grad, backward_hooks, metadata  # autograd state has no numpy meaning
-    return _as_strided(storage, storage_offset, size, stride)
-
-
-def _rebuild_tensor_v3(
-    storage,
-    storage_offset,
-    size,
-    stride,
-    requires_grad,
-    backward_hooks,
-    dtype,
-    metadata=None,
-):
-    """numpy stand-in for `torch._utils._rebuild_tensor_v3` (untyped storage + explicit dtype)."""
-    del requires_grad, backward_hooks, metadata
-    if not isinstance(dtype, _TorchDtype):
-        raise ValueError(f"_rebuild_tensor_v3 got dtype {dtype!r}, expected a torch dtype")
-    return _as_strided(storage, storage_offset, size, stride, dtype.dtype)
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    """numpy stand-in for `torch._utils._rebuild_parameter[_with_state]`: the data itself."""
-    del requires_grad, backward_hooks, state
-    if not isinstance(data, np.ndarray):
-        raise ValueError(f"parameter data is {type(data).__name__}, expected a tensor")
-    return data
-
-
-def _ordered_dict(*args):
-    return collections.OrderedDict(*args)
-
-
-def _allowed_globals() -> dict[tuple[str, str], object]:
-    allowed: dict[tuple[str, str], object] = {
-        ("collections", "OrderedDict"): _ordered_dict,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_v2"): _rebuild_parameter,
-    }
-    for name, dtype in _STORAGE_DTYPES.items():
-        allowed[("torch", name)] = _StorageType(name, dtype)
-    allowed[("torch.storage", "UntypedStorage")] = _StorageType(
-        "UntypedStorage", _STORAGE_DTYPES["UntypedStorage"]
-    )
-    for name, dtype in _TORCH_DTYPES.items():
-        allowed[("torch", name)] = _TorchDtype(name, dtype)
-    return allowed
-
-
-_ALLOWED = _allowed_globals()
+    where = "max_bytes"
+    if max_bytes is None:
+        env = os.environ.get(MAX_BYTES_ENV)
+        if env is None:
+            return DEFAULT_MAX_BYTES
+        where = f"${MAX_BYTES_ENV}"
+        try:
+            max_bytes = int(env.strip().replace("_", ""))
+        except ValueError:
+            raise ValueError(f"{where}={env!r}; expected a positive integer (bytes)") from None
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+        raise ValueError(f"{where}={max_bytes!r}; expected a positive integer (bytes)")
+    return max_bytes
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals and reads storages from the zip."""
 
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str, path: str):
+    def __init__(self, file, load: Load):
         super().__init__(file)
-        self._zip = archive
-        self._prefix = prefix
-        self._byteorder = byteorder
-        self._path = path
-        self._storages: dict[str, _Storage] = {}
+        self._load = load
+        self._factories = {key: Factory(fn, load) for key, (fn, _) in FUNCTIONS.items()}
 
     def find_class(self, module: str, name: str):
-        # Every GLOBAL/STACK_GLOBAL/INST/OBJ/EXT opcode goes through here: this is the only way
-        # a pickle can reach a callable, so refusing here refuses code execution.
-        try:
-            return _ALLOWED[(module, name)]
-        except KeyError:
-            raise ValueError(
-                f"{self._path}: refusing to load global '{module}.{name}': only PyTorch tensor "
-                "storages and state dicts can be read without running code from the file"
-            ) from None
+        # Every GLOBAL/STACK_GLOBAL/INST/OBJ opcode goes through here: this is the only way a
+        # pickle can reach a callable, so refusing here refuses code execution. (The pre-scan
+        # already refused the same names; this is the second lock.)
+        found = self._factories.get((module, name)) or CONSTANTS.get((module, name))
+        if found is None:
+            raise ValueError(pickle_scan.refusal(module, name))
+        return found
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise ValueError(f"{self._path}: unsupported persistent id {pid!r}")
-        _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, _StorageType):
-            raise ValueError(f"{self._path}: persistent id names {storage_type!r}, not a storage")
-        key = str(key)
-        if key in self._storages:
-            return self._storages[key]
-        record = f"{self._prefix}data/{key}"
-        try:
-            info = self._zip.getinfo(record)
-        except KeyError:
-            raise ValueError(f"{self._path}: storage record '{record}' is missing") from None
-        dtype = storage_type.dtype.newbyteorder("<" if self._byteorder == "little" else ">")
-        # Size checked before reading, so a lying record cannot make us inflate anything big.
-        size = info.file_size
-        if size == int(numel) * dtype.itemsize:
-            try:
-                raw = self._zip.read(info)
-            except (zipfile.BadZipFile, OSError, EOFError) as err:
-                raise ValueError(f"{self._path}: cannot read '{record}' ({err})") from None
-            size = len(raw)
-        if size != int(numel) * dtype.itemsize:
-            raise ValueError(
-                f"{self._path}: storage record '{record}' holds {size} bytes, expected "
-                f"{numel} x {dtype.itemsize} ({storage_type.name}): "
-                "the file is truncated or corrupt"
-            )
-        data = np.frombuffer(raw, dtype=dtype)
-        if not dtype.isnative:
-            data = data.astype(dtype.newbyteorder("="))
-        storage = _Storage(data)
-        self._storages[key] = storage
-        return storage
+        return self._load.storage(pid)
 
 
-def _open_zip(path: str | os.PathLike) -> zipfile.ZipFile:
-    path = Path(path)
+def _open(path: Path) -> StoredZip:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: file is empty, not a torch.save checkpoint")
-    with open(path, "rb") as f:
-        head = f.read(2)
     if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            head = f.read(2)
         if head == b"\x80\x02":
             raise ValueError(
                 f"{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; "
                 "re-save it with a recent PyTorch (torch.save(obj, f)) or as safetensors"
             )
         raise ValueError(f"{path}: not a zip archive, so not a torch.save checkpoint (truncated?)")
-    try:
-        return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise ValueError(f"{path}: unreadable zip archive ({err})") from None
+    return StoredZip(path)
 
 
-def read_torch_zip(path: str | os.PathLike) -> object:
+def _pickle_record(archive: StoredZip) -> str:
+    pickles = [n for n in archive.names if n.endswith("data.pkl") and n.count("/") <= 1]
+    if len(pickles) != 1:
+        raise ValueError(
+            f"expected one '<archive>/data.pkl' record in the zip, found {len(pickles)}: "
+            "not a torch.save checkpoint"
+        )
+    return pickles[0]
+
+
+def _read(archive: StoredZip, max_bytes: int) -> object:
+    """Checks (directory, then opcode stream) first, then the unpickling itself."""
+    name = _pickle_record(archive)
+    prefix = name[: -len("data.pkl")]
+    byteorder = "little"
+    if archive.record(f"{prefix}byteorder") is not None:
+        raw = archive.read(f"{prefix}byteorder")[:16].tobytes()
+        byteorder = raw.decode("ascii", "replace").strip()
+        if byteorder not in ("little", "big"):
+            raise ValueError(f"unknown byteorder record {byteorder!r}")
+    storage_bytes = sum(
+        archive.record(n).size for n in archive.names if n.startswith(f"{prefix}data/")
+    )
+    if storage_bytes > max_bytes:
+        raise ValueError(
+            f"its storages hold {storage_bytes} bytes, more than max_bytes={max_bytes}; raise "
+            f"the limit with max_bytes= or ${MAX_BYTES_ENV} if the file is trusted"
+        )
+    size = archive.record(name).size
+    if size > MAX_PICKLE_BYTES:
+        raise ValueError(
+            f"'{name}' is {size} bytes, more than {MAX_PICKLE_BYTES} (torch pickles take "
+            "~130 bytes per tensor): not a plain state dict; re-save only the weights"
+        )
+    payload = archive.read(name).tobytes()
+    pickle_scan.scan_pickle(
+        payload, SCAN_KINDS, max_heap_bytes=_HEAP_FLOOR + _HEAP_PER_PICKLE_BYTE * size
+    )
+    load = Load(archive, prefix, byteorder, max_bytes)
+    return _RestrictedUnpickler(io.BytesIO(payload), load).load()
+
+
+# Everything malformed input can raise from the unpickler or a stand-in. MemoryError is absent on
+# purpose: the pre-scan bounds memory, so one escaping is a bug to see, not a file to blame.
+_CORRUPT = (
+    pickle.UnpicklingError,
+    EOFError,
+    TypeError,
+    AttributeError,
+    KeyError,
+    IndexError,
+    OverflowError,
+    RecursionError,
+    struct.error,
+    NotImplementedError,
+    SystemError,
+)
+
+
+def read_torch_zip(path: str | os.PathLike, *, max_bytes: int | None = None) -> object:
     """Unpickle a `torch.save` zip archive with every tensor as a numpy array.
+
+    Nothing is built before the whole zip directory and pickle opcode stream have been checked
+    (see `zip_records` and `pickle_scan`): time and memory are bounded by the file size, and
+    tensor data by `max_bytes`.
 
     Args:
       path: the `.bin` / `.pth` / `.pt` file.
+      max_bytes: cap on the storage bytes read and on the bytes the tensors view; default
+        $NATJAX_MAX_CHECKPOINT_BYTES, else 16 GiB.
 
     Returns:
-      The saved object (usually a dict), tensors replaced by C-contiguous numpy arrays
-      (bfloat16 as `ml_dtypes.bfloat16`).
+      The saved object (usually a dict), tensors replaced by read-only numpy arrays that view
+      their storage's bytes (tensors sharing a storage share memory, as in torch; call `.copy()`
+      to edit one). bfloat16 is `ml_dtypes.bfloat16`.
 
     Raises:
       FileNotFoundError: `path` does not exist.
-      ValueError: the file is empty, truncated, not a torch zip, or names a global that is
-        not on the allow-list (which would mean running code from the file).
+      ValueError: one, naming the file and the problem, for anything that is not a valid
+        torch.save checkpoint: empty, truncated, damaged or compressed zip, a malformed or
+        over-large pickle, or a global not on the allow-list (which would mean running code
+        from the file).
     """
-    with _open_zip(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") <= 1]
-        if len(pickles) != 1:
-            raise ValueError(
-                f"{path}: expected one '<archive>/data.pkl' record in the zip, found "
-                f"{len(pickles)}: not a torch.save checkpoint"
-            )
-        prefix = pickles[0][: -len("data.pkl")]
-        byteorder = "little"
-        if f"{prefix}byteorder" in archive.namelist():
-            byteorder = archive.read(f"{prefix}byteorder").decode("ascii", "replace").strip()
-            if byteorder not in ("little", "big"):
-                raise ValueError(f"{path}: unknown byteorder record {byteorder!r}")
+    path = Path(path)
+    limit = resolve_max_bytes(max_bytes)
+    try:
+        with _open(path) as archive:
+            return _read(archive, limit)
+    except ValueError as err:
+        if str(err).startswith(str(path)):
+            raise
+        raise ValueError(f"{path}: {err}") from None
+    except _CORRUPT as err:
+        problem = f"{type(err).__name__}: {err}"
+        raise ValueError(f"{path}: corrupt checkpoint pickle ({problem})") from None
+
+
+def _preview(keys, n: int = 10) -> list[str]:
+    """Up to `n` keys as short strings, sorted (keys of any type, however long)."""
+    out = []
+    for key in list(keys)[: 10 * n]:
         try:
-            payload = archive.read(pickles[0])
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
-            raise ValueError(f"{path}: cannot read {pickles[0]} ({err})") from None
-        unpickler = _RestrictedUnpickler(io.BytesIO(payload), archive, prefix, byteorder, str(path))
-        try:
-            return unpickler.load()
-        except ValueError as err:
-            if str(err).startswith(str(path)):
-                raise
-            # Raised by a stand-in (tensor geometry, dtype...): name the file.
-            raise ValueError(f"{path}: {err}") from None
-        except (
-            pickle.UnpicklingError,
-            EOFError,
-            zipfile.BadZipFile,
-            TypeError,
-            AttributeError,
-            KeyError,
-            IndexError,
-            OverflowError,
-            RecursionError,
-        ) as err:
-            raise ValueError(
-                f"{path}: corrupt checkpoint pickle ({type(err).__name__}: {err})"
-            ) from None
+            text = key if isinstance(key, str) else repr(key)
+        except ValueError:  # e.g. an int too long to print
+            text = f"<{type(key).__name__}>"
+        out.append(text[:80])
+    return sorted(out)[:n]
 
 
 def select_state_dict(
@@ -377,7 +274,7 @@ def select_state_dict(
         raise ValueError(f"checkpoint holds a {type(obj).__name__}, expected a dict of tensors")
     if key is not None:
         if key not in obj:
-            raise ValueError(f"state dict key {key!r} not in checkpoint keys {sorted(obj)[:10]}")
+            raise ValueError(f"state dict key {key!r} not in checkpoint keys {_preview(obj)}")
         chosen, used = obj[key], key
     elif obj and all(isinstance(v, np.ndarray) for v in obj.values()):
         chosen, used = obj, None
@@ -385,7 +282,7 @@ def select_state_dict(
         used = next((k for k in STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), None)
         if used is None:
             raise ValueError(
-                f"no state dict in checkpoint: top-level keys are {sorted(map(str, obj))[:10]}; "
+                f"no state dict in checkpoint: top-level keys are {_preview(obj)}; "
                 f"expected tensors or one of {STATE_DICT_KEYS}"
             )
         chosen = obj[used]
@@ -393,131 +290,27 @@ def select_state_dict(
         raise ValueError(f"checkpoint entry {used!r} is not a non-empty dict of tensors")
     bad = [k for k, v in chosen.items() if not isinstance(v, np.ndarray)]
     if bad:
-        raise ValueError(f"state dict {used!r} has non-tensor entries: {bad[:5]}")
+        raise ValueError(f"state dict {used!r} has non-tensor entries: {_preview(bad, 5)}")
     state = {str(k): v for k, v in chosen.items()}
     if all(k.startswith("module.") for k in state):
         state = {k[len("module.") :]: v for k, v in state.items()}
     return state, used
 
 
-def load_torch_state_dict(path: str | os.PathLike, key: str | None = None) -> dict[str, np.ndarray]:
+def load_torch_state_dict(
+    path: str | os.PathLike, key: str | None = None, *, max_bytes: int | None = None
+) -> dict[str, np.ndarray]:
     """Read the weights of a `torch.save` checkpoint as numpy arrays, without PyTorch.
 
     Args:
       path: the `.bin` / `.pth` file.
       key: see `select_state_dict`; the key used is logged at INFO level.
+      max_bytes: see `read_torch_zip`.
 
     Returns:
-      dict of parameter name -> numpy array, in file order.
+      dict of parameter name -> read-only numpy array, in file order.
     """
-    state, used = select_state_dict(read_torch_zip(path), key)
+    state, used = select_state_dict(read_torch_zip(path, max_bytes=max_bytes), key)
     if used is not None:
         logger.info("%s: using the state dict under key %r", path, used)
     return state
-
-
-# --------------------------------------------------------------------------------------------
-# Writer: emits the same structure torch.save does (protocol-2 pickle, 64-byte aligned records),
-# written opcode by opcode so that no `torch` module is needed to name the globals.
-# --------------------------------------------------------------------------------------------
-
-_NUMPY_TO_STORAGE = {
-    dtype: name for name, dtype in _STORAGE_DTYPES.items() if name != "ByteStorage"
-}
-_NUMPY_TO_STORAGE[np.dtype(np.uint8)] = "ByteStorage"
-
-
-class _PickleWriter:
-    """Minimal protocol-2 pickle emitter for a dict of tensors in torch's layout."""
-
-    def __init__(self) -> None:
-        self.out = bytearray(b"\x80\x02")  # PROTO 2
-
-    def str_(self, s: str) -> None:
-        b = s.encode("utf-8")
-        self.out += b"X" + len(b).to_bytes(4, "little") + b  # BINUNICODE
-
-    def int_(self, v: int) -> None:
-        if 0 <= v < 256:
-            self.out += b"K" + bytes([v])  # BININT1
-        elif -(2**31) <= v < 2**31:
-            self.out += b"J" + int(v).to_bytes(4, "little", signed=True)  # BININT
-        else:
-            n = (v.bit_length() + 8) // 8
-            self.out += b"\x8a" + bytes([n]) + int(v).to_bytes(n, "little", signed=True)  # LONG1
-
-    def tuple_(self, items: tuple[int, ...]) -> None:
-        self.out += b"("  # MARK
-        for v in items:
-            self.int_(v)
-        self.out += b"t"  # TUPLE
-
-    def global_(self, module: str, name: str) -> None:
-        self.out += b"c" + f"{module}\n{name}\n".encode("ascii")  # GLOBAL
-
-
-def _tensor_pickle(state: Mapping[str, np.ndarray]) -> tuple[bytes, list[np.ndarray]]:
-    w = _PickleWriter()
-    w.out += b"}"  # EMPTY_DICT
-    records = []
-    for name, value in state.items():
-        arr = np.ascontiguousarray(value)
-        storage = _NUMPY_TO_STORAGE.get(arr.dtype)
-        if storage is None:
-            raise ValueError(f"tensor {name!r} has dtype {arr.dtype}, which torch cannot store")
-        key = str(len(records))
-        records.append(arr)
-        w.str_(name)
-        w.global_("torch._utils", "_rebuild_tensor_v2")
-        w.out += b"(("  # MARK (args) MARK (persistent id)
-        w.str_("storage")
-        w.global_("torch", storage)
-        w.str_(key)
-        w.str_("cpu")
-        w.int_(arr.size)
-        w.out += b"tQ"  # TUPLE, BINPERSID
-        w.int_(0)  # storage offset
-        w.tuple_(arr.shape)
-        strides = tuple(s // arr.itemsize for s in arr.strides) if arr.size else (1,) * arr.ndim
-        w.tuple_(strides)
-        w.out += b"\x89"  # NEWFALSE: requires_grad
-        w.global_("collections", "OrderedDict")
-        w.out += b")R"  # EMPTY_TUPLE REDUCE: backward_hooks = OrderedDict()
-        w.out += b"tR"  # TUPLE REDUCE: _rebuild_tensor_v2(*args)
-        w.out += b"s"  # SETITEM
-    w.out += b"."  # STOP
-    return bytes(w.out), records
-
-
-def _write_aligned(archive: zipfile.ZipFile, name: str, data: bytes, align: int = 64) -> None:
-    """Write a stored record whose payload starts at a multiple of `align` (as torch does)."""
-    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
-    info.compress_type = zipfile.ZIP_STORED
-    start = archive.fp.tell() + 30 + len(name.encode("utf-8"))  # local header is 30 bytes
-    pad = (-(start + 4)) % align  # extra field: 2-byte id + 2-byte size + padding
-    info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad
-    archive.writestr(info, data)
-
-
-def save_torch_state_dict(state: Mapping[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Write `state` as a `torch.save`-format zip that `torch.load` (and `read_torch_zip`) reads.
-
-    Args:
-      state: parameter name -> numpy array (float32/16, bfloat16, ints, bool).
-      path: destination `.pth` / `.bin`; the archive folder inside is the file stem, as torch.
-    """
-    path = Path(path)
-    payload, records = _tensor_pickle(state)
-    prefix = f"{path.stem or 'archive'}/"
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
-        _write_aligned(archive, prefix + "data.pkl", payload)
-        _write_aligned(archive, prefix + ".format_version", b"1")
-        _write_aligned(archive, prefix + ".storage_alignment", b"64")
-        _write_aligned(archive, prefix + "byteorder", b"little")
-        for i, arr in enumerate(records):
-            data = arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-            _write_aligned(archive, f"{prefix}data/{i}", data)
-        _write_aligned(archive, prefix + "version", b"3\n")
-        # torch records a 40-digit id per file; derive it from the content (deterministic output).
-        digest = int.from_bytes(hashlib.sha256(payload).digest(), "big") % 10**40
-        _write_aligned(archive, prefix + ".data/serialization_id", f"{digest:040d}".encode())

@@ -1,0 +1,121 @@
+"""Peak memory and time of reading each hostile checkpoint of issue 10 (section 1).
+
+Builds every file of `tests/reader_cases.CASES` (plus the golden `.bin`/`.pth` files for
+reference) in a temporary folder, then reads each one in a fresh child process with
+`natjax.convert.torch_zip.load_torch_state_dict` from every `--tree` given (e.g. the landed code
+and this branch), and prints the child's peak RSS (`wait4` rusage), wall time and outcome.
+
+The children import only the reader module (the package `__init__`s import jax, which would
+dominate the peak RSS) and run under a safety address-space cap (`--cap-gib`), so an unbounded
+allocation shows up as MemoryError instead of swapping the machine.
+
+    .venv/bin/python experiments/reader_hostile_memory.py --tree /work/main --tree .
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from reader_cases import CASES  # noqa: E402
+
+GOLDEN = [
+    ROOT / "tests/data/models/nat_rand/pytorch_model.bin",
+    ROOT / "tests/data/models/dinat_rand/original.pth",
+]
+
+# Child: stub the two packages (their __init__ import jax) so only the reader loads.
+CHILD = r"""
+import json, resource, sys, types
+tree, path, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
+for name, sub in (("natjax", "natjax"), ("natjax.convert", "natjax/convert")):
+    mod = types.ModuleType(name)
+    mod.__path__ = [f"{tree}/{sub}"]
+    sys.modules[name] = mod
+from natjax.convert import torch_zip
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+try:
+    if path != "-":
+        torch_zip.load_torch_state_dict(path)
+    out = {"outcome": "ok"}
+except BaseException as err:  # the point is to see what escapes
+    out = {"outcome": type(err).__name__, "message": str(err)[:160]}
+print(json.dumps(out), flush=True)
+"""
+
+
+def peak_rss_mib(tree: str, path: str, cap: int, timeout: float) -> dict:
+    """Run one child and read its own peak RSS from wait4 (not the cumulative children max)."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, tree, path, str(cap)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = start + timeout
+    status = rusage = None
+    while time.perf_counter() < deadline:
+        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.02)
+    else:
+        proc.kill()
+        _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    out = proc.stdout.read().decode()
+    result = {
+        "wall_s": time.perf_counter() - start,
+        "rss_mib": rusage.ru_maxrss / 1024,
+        "rc": proc.returncode,
+    }
+    try:
+        result.update(json.loads(out.strip().splitlines()[-1]))
+    except (IndexError, ValueError):
+        result["outcome"] = (
+            "timeout"
+            if time.perf_counter() >= deadline
+            else (f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else "no output")
+        )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tree", action="append", help="source trees to compare (default .)")
+    parser.add_argument("--cases", help="comma-separated case names (default: all)")
+    parser.add_argument("--cap-gib", type=float, default=6.0, help="child address-space cap")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds per child")
+    args = parser.parse_args()
+    trees = [str(Path(t).resolve()) for t in (args.tree or ["."])]
+    names = args.cases.split(",") if args.cases else list(CASES)
+    cap = int(args.cap_gib * 2**30)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = [("(import only)", "-", 0)]
+        for name in names:
+            path = CASES[name][0](Path(tmp) / f"{name}.pth")
+            files.append((name, str(path), path.stat().st_size))
+        files += [(f"golden {p.parent.name}/{p.name}", str(p), p.stat().st_size) for p in GOLDEN]
+        header = f"{'file':32s} {'bytes':>10s}"
+        for tree in trees:
+            header += f" | {Path(tree).name + ' MiB':>12s} {'s':>6s} {'outcome':26s}"
+        print(header)
+        for name, path, size in files:
+            line = f"{name:32s} {size:10d}"
+            for tree in trees:
+                r = peak_rss_mib(tree, path, cap, args.timeout)
+                line += f" | {r['rss_mib']:12.1f} {r['wall_s']:6.2f} {r['outcome'][:26]:26s}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
