@@ -232,6 +232,10 @@ def read_torch_zip(path: str | os.PathLike, *, max_bytes: int | None = None) -> 
     try:
         with _open(path) as archive:
             return _read(archive, limit)
+    except UnicodeDecodeError as err:  # a ValueError, but its text names neither file nor cause
+        raise ValueError(
+            f"{path}: corrupt checkpoint pickle (a string is not UTF-8: {err})"
+        ) from None
     except ValueError as err:
         if str(err).startswith(str(path)):
             raise
