@@ -63,11 +63,12 @@ def write_torch_zip(
     records: dict[str, bytes] | None = None,
     *,
     compression: int = zipfile.ZIP_STORED,
+    byteorder: str = "little",
 ) -> Path:
     """A zip laid out like `torch.save`: `archive/data.pkl`, `archive/byteorder`, storages."""
     with zipfile.ZipFile(path, "w", compression) as z:
         z.writestr("archive/data.pkl", payload, compress_type=zipfile.ZIP_STORED)
-        z.writestr("archive/byteorder", b"little", compress_type=zipfile.ZIP_STORED)
+        z.writestr("archive/byteorder", byteorder.encode(), compress_type=zipfile.ZIP_STORED)
         for key, data in (records or {}).items():
             z.writestr(f"archive/data/{key}", data)
     return path

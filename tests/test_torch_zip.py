@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from golden import golden_dir, golden_file
+from reader_cases import Ops, write_torch_zip
 from safetensors.numpy import load_file
 
 from natjax.convert import torch_tensors, torch_zip
@@ -351,3 +352,41 @@ def test_expanded_views_are_views_and_bounded(tmp_path, fake_torch):
     craft_zip(path, {"w": _FakeTensor(s, 0, (1000, 1000), (0, 0))})
     with pytest.raises(ValueError, match=r"expand\.pth: the tensors view 4000000 bytes"):
         load_torch_state_dict(path)
+
+
+def test_state_dict_metadata_attribute_loads(tmp_path, fake_torch):
+    # `module.state_dict()` is an OrderedDict carrying a `_metadata` attribute, which pickle
+    # restores with BUILD: the one BUILD the pre-scan allows (on a dict the file created).
+    sd = collections.OrderedDict(
+        w=_FakeTensor(
+            storage_of(fake_torch, np.arange(2.0, dtype=np.float32), "FloatStorage", "0"),
+            0,
+            (2,),
+            (1,),
+        )
+    )
+    sd._metadata = collections.OrderedDict([("", {"version": 1})])
+    path = tmp_path / "meta.pth"
+    craft_zip(path, {"model": sd, "epoch": 1})
+    assert pickle.BUILD in zipfile.ZipFile(path).read("archive/data.pkl")
+    raw = read_torch_zip(path)
+    assert raw["model"]._metadata == {"": {"version": 1}}
+    np.testing.assert_array_equal(load_torch_state_dict(path)["w"], [0.0, 1.0])
+
+
+@pytest.mark.parametrize("byteorder", ["little", "big"])
+def test_rebuild_tensor_v3_untyped_storage(tmp_path, byteorder):
+    # torch >= 2 style: an untyped (byte) storage and the dtype as an explicit argument (the
+    # landed reader ignored the byte order here).
+    values = np.array([[1.5, -2.0, 3.25]], np.float32)
+    data = values.astype(values.dtype.newbyteorder("<" if byteorder == "little" else ">"))
+    ops = Ops().raw(b"}").str_("w").global_("torch._utils", "_rebuild_tensor_v3")
+    ops.raw(b"((").str_("storage").global_("torch", "UntypedStorage").str_("0").str_("cpu")
+    ops.int_(12).raw(b"tQ").int_(0).ints_tuple((1, 3)).ints_tuple((3, 1)).raw(b"\x89")
+    ops.global_("collections", "OrderedDict").raw(b")R").global_("torch", "float32")
+    ops.raw(b"tRs")
+    path = tmp_path / "v3.pth"
+    write_torch_zip(path, ops.bytes(), {"0": data.tobytes()}, byteorder=byteorder)
+    got = load_torch_state_dict(path)["w"]
+    assert got.dtype == np.float32 and got.dtype.isnative
+    np.testing.assert_array_equal(got, values)

@@ -195,6 +195,9 @@ class Load:
             raise ValueError(
                 f"invalid tensor geometry: offset={offset} size={size} stride={stride}"
             )
+        # A dimension of size 0 or 1 never steps: its stride is arbitrary in torch (and may be
+        # huge); zero it so that numpy's byte strides cannot overflow.
+        stride = tuple(st if n > 1 else 0 for n, st in zip(size, stride, strict=True))
         numel = math.prod(size)
         self.tensor_bytes += numel * flat.itemsize
         if self.tensor_bytes > self.budget:

@@ -159,8 +159,11 @@ def _read(archive: StoredZip, max_bytes: int) -> object:
     name = _pickle_record(archive)
     prefix = name[: -len("data.pkl")]
     byteorder = "little"
-    if archive.record(f"{prefix}byteorder") is not None:
-        raw = archive.read(f"{prefix}byteorder")[:16].tobytes()
+    record = archive.record(f"{prefix}byteorder")
+    if record is not None:
+        if record.size > 16:
+            raise ValueError(f"byteorder record of {record.size} bytes (expected 'little'/'big')")
+        raw = archive.read(record.name).tobytes()
         byteorder = raw.decode("ascii", "replace").strip()
         if byteorder not in ("little", "big"):
             raise ValueError(f"unknown byteorder record {byteorder!r}")
@@ -179,9 +182,10 @@ def _read(archive: StoredZip, max_bytes: int) -> object:
             "~130 bytes per tensor): not a plain state dict; re-save only the weights"
         )
     payload = archive.read(name).tobytes()
-    pickle_scan.scan_pickle(
+    summary = pickle_scan.scan_pickle(
         payload, SCAN_KINDS, max_heap_bytes=_HEAP_FLOOR + _HEAP_PER_PICKLE_BYTE * size
     )
+    logger.debug("%s: pickle pre-scan %s", archive.path, summary)
     load = Load(archive, prefix, byteorder, max_bytes)
     return _RestrictedUnpickler(io.BytesIO(payload), load).load()
 
