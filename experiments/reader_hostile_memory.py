@@ -1,9 +1,10 @@
 """Peak memory and time of reading each hostile checkpoint of issue 10 (section 1).
 
-Builds every file of `tests/reader_cases.CASES` (plus the golden `.bin`/`.pth` files for
-reference) in a temporary folder, then reads each one in a fresh child process with
+Builds every file of `tests/reader_cases.CASES` and `SCAN_WORST_CASES` (plus the golden
+`.bin`/`.pth` files for reference) in a temporary folder, then reads each one in a fresh child
+process with
 `natjax.convert.torch_zip.load_torch_state_dict` from every `--tree` given (e.g. the landed code
-and this branch), and prints the child's peak RSS (`wait4` rusage), wall time and outcome.
+and this branch), and prints the child's own peak RSS (`VmHWM`), wall time and outcome.
 
 The children import only the reader module (the package `__init__`s import jax, which would
 dominate the peak RSS) and run under a safety address-space cap (`--cap-gib`), so an unbounded
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from reader_cases import CASES  # noqa: E402
+from reader_cases import CASES, SCAN_WORST_CASES  # noqa: E402
 
 GOLDEN = [
     ROOT / "tests/data/models/nat_rand/pytorch_model.bin",
@@ -49,43 +49,33 @@ try:
     out = {"outcome": "ok"}
 except BaseException as err:  # the point is to see what escapes
     out = {"outcome": type(err).__name__, "message": str(err)[:160]}
+# VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, inherited via fork).
+out["hwm_mib"] = next(
+    int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")
+) / 1024
 print(json.dumps(out), flush=True)
 """
 
 
 def peak_rss_mib(tree: str, path: str, cap: int, timeout: float) -> dict:
-    """Run one child and read its own peak RSS from wait4 (not the cumulative children max)."""
+    """Run one child; its outcome, wall time and own peak RSS (None if it died first)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, tree, path, str(cap)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = start + timeout
-    status = rusage = None
-    while time.perf_counter() < deadline:
-        pid, status, rusage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        time.sleep(0.02)
-    else:
-        proc.kill()
-        _, status, rusage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    out = proc.stdout.read().decode()
-    result = {
-        "wall_s": time.perf_counter() - start,
-        "rss_mib": rusage.ru_maxrss / 1024,
-        "rc": proc.returncode,
-    }
     try:
-        result.update(json.loads(out.strip().splitlines()[-1]))
-    except (IndexError, ValueError):
-        result["outcome"] = (
-            "timeout"
-            if time.perf_counter() >= deadline
-            else (f"crashed (signal {-proc.returncode})" if proc.returncode < 0 else "no output")
+        proc = subprocess.run(
+            [sys.executable, "-c", CHILD, tree, path, str(cap)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
+    except subprocess.TimeoutExpired:
+        return {"wall_s": timeout, "rss_mib": None, "outcome": "timeout"}
+    result = {"wall_s": time.perf_counter() - start, "rss_mib": None}
+    try:
+        got = json.loads(proc.stdout.strip().splitlines()[-1])
+        result.update(got, rss_mib=got["hwm_mib"])
+    except (IndexError, ValueError):
+        rc = proc.returncode
+        result["outcome"] = f"crashed (signal {-rc})" if rc < 0 else f"exit {rc}"
     return result
 
 
@@ -97,12 +87,13 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per child")
     args = parser.parse_args()
     trees = [str(Path(t).resolve()) for t in (args.tree or ["."])]
-    names = args.cases.split(",") if args.cases else list(CASES)
+    cases = {name: build for name, (build, _) in CASES.items()} | SCAN_WORST_CASES
+    names = args.cases.split(",") if args.cases else list(cases)
     cap = int(args.cap_gib * 2**30)
     with tempfile.TemporaryDirectory() as tmp:
         files = [("(import only)", "-", 0)]
         for name in names:
-            path = CASES[name][0](Path(tmp) / f"{name}.pth")
+            path = cases[name](Path(tmp) / f"{name}.pth")
             files.append((name, str(path), path.stat().st_size))
         files += [(f"golden {p.parent.name}/{p.name}", str(p), p.stat().st_size) for p in GOLDEN]
         header = f"{'file':32s} {'bytes':>10s}"
@@ -113,7 +104,8 @@ def main() -> None:
             line = f"{name:32s} {size:10d}"
             for tree in trees:
                 r = peak_rss_mib(tree, path, cap, args.timeout)
-                line += f" | {r['rss_mib']:12.1f} {r['wall_s']:6.2f} {r['outcome'][:26]:26s}"
+                rss = "-" if r["rss_mib"] is None else f"{r['rss_mib']:.1f}"
+                line += f" | {rss:>12s} {r['wall_s']:6.2f} {r['outcome'][:26]:26s}"
             print(line, flush=True)
 
 

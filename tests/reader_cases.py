@@ -269,3 +269,20 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "flipped_storage_byte": (flipped_storage_byte, r"CRC-32"),
     "overlapping_records": (overlapping_records, r"local header|overlap"),
 }
+
+
+# Worst cases for the pre-scan's time and memory at the 4 MiB pickle cap (measured by
+# experiments/reader_hostile_memory.py, too slow for the unit tests).
+_CAP = 4 * 2**20 - 16
+SCAN_WORST_CASES: dict[str, Callable[[Path], Path]] = {
+    # 2 million MARK/POP_MARK pairs: cheap for the heap model, the most opcodes per byte.
+    "mark_pop_4MiB": lambda p: write_torch_zip(p, PROTO2 + b"(1" * (_CAP // 2) + b"N."),
+    # 4 million empty lists: the heap budget refuses them part-way.
+    "lists_4MiB": lambda p: write_torch_zip(p, PROTO2 + b"(" + b"]" * _CAP + b"l."),
+    # 1.4 million one-character strings in one list (cached by CPython, but not by the scan).
+    "strings_4MiB": lambda p: write_torch_zip(
+        p, PROTO2 + b"(" + b"\x8c\x01a" * (_CAP // 3) + b"l."
+    ),
+    # 2 million memo lookups of one list.
+    "gets_4MiB": lambda p: write_torch_zip(p, PROTO2 + b"(]q\x00" + b"h\x00" * (_CAP // 2) + b"l."),
+}

@@ -9,7 +9,7 @@ this module as a child that:
 - loads a golden checkpoint once, then caps its address space (`RLIMIT_AS`) at what it uses
   plus `extra_mib`, so any allocation beyond that raises MemoryError,
 - reads one path per stdin line with `read_torch_zip` and answers one JSON line: the outcome
-  (`"ok"` or the exception type), the message, and the peak RSS so far.
+  (`"ok"` or the exception type), the message, and the child's peak RSS so far.
 
 If the child dies, `read` reports `"crashed (signal N)"` for the file that killed it and the
 next `read` starts a fresh child.
@@ -93,11 +93,12 @@ class ReaderWorker:
 
 
 # ------------------------------------------------------------------------------- the child
-def _vm_size() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A `/proc/self/status` size (VmSize: address space, VmHWM: own peak RSS); None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmSize:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         return None
@@ -115,7 +116,7 @@ def _child(extra_mib: int) -> None:
     from natjax.convert import torch_zip
 
     torch_zip.read_torch_zip(GOLDEN)  # warm up: imports, allocator arenas, numpy buffers
-    size = _vm_size()
+    size = _status_bytes("VmSize")
     if size is not None:
         limit = size + extra_mib * 2**20
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -127,7 +128,8 @@ def _child(extra_mib: int) -> None:
             answer["outcome"] = "ok"
         except BaseException as err:  # whatever escapes is the test's finding
             answer = {"outcome": type(err).__name__, "message": str(err)[:2000]}
-        answer["rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = _status_bytes("VmHWM")  # not ru_maxrss: that includes the parent's, via fork
+        answer["rss_mib"] = None if peak is None else peak / 2**20
         print(json.dumps(answer), flush=True)
 
 

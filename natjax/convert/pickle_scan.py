@@ -26,6 +26,7 @@ definitions in CPython's `Lib/pickletools.py` and the semantics of `Modules/_pic
 
 from __future__ import annotations
 
+import gc
 import pickle
 import pickletools
 import struct
@@ -78,6 +79,10 @@ def refusal(module: str, name: str) -> str:
         f"refusing to load global '{module}.{name}': only PyTorch tensor storages and state "
         "dicts can be read without running code from the file"
     )
+
+
+class _Refusal(ValueError):
+    """A bound broken at the current opcode (`_Scanner.run` adds where)."""
 
 
 class _Sym:
@@ -144,13 +149,11 @@ class _Scanner:
         self.hashed_keys = 0
         self.persistent_ids = 0
         self.tensors = 0
-        self.op = ""
-        self.at = 0
 
     # ------------------------------------------------------------------------ helpers
-    def fail(self, problem: str) -> ValueError:
-        """The error for `problem` at the current opcode."""
-        return ValueError(f"{problem} (pickle opcode {self.op} at byte {self.at})")
+    def fail(self, problem: str) -> _Refusal:
+        """The error for `problem`; `run` adds the opcode and its byte offset."""
+        return _Refusal(problem)
 
     def charge(self, n: int) -> None:
         self.heap += n
@@ -263,41 +266,45 @@ class _Scanner:
     # ----------------------------------------------------------------------- the walk
     def run(self) -> ScanSummary:
         data, pos, n_ops, table, end = self.data, 0, 0, _TABLE, self.end
-        while True:
-            if pos >= end:
-                self.at, self.op = pos, "(end)"
-                raise self.fail("the pickle ends without STOP: it is truncated")
-            entry = table[data[pos]]
-            self.at = pos
-            if entry is None:
-                self.op = f"0x{data[pos]:02x}"
-                raise self.fail("unknown opcode: the pickle is corrupt")
-            self.op, reader, handler = entry
-            pos += 1
-            arg = None
-            if reader is not None:
-                arg, pos = reader(self, pos)
-            n_ops += 1
-            if handler is None:  # STOP
-                break
-            handler(self, arg)
-        if self.marks or len(self.stack) != 1:
-            raise self.fail(f"STOP with {len(self.stack)} objects and {len(self.marks)} marks")
+        name, start = "(start)", 0
+        try:
+            while True:
+                if pos >= end:
+                    name, start = "(end)", pos
+                    raise self.fail("the pickle ends without STOP: it is truncated")
+                entry = table[data[pos]]
+                start = pos
+                if entry is None:
+                    name = f"0x{data[pos]:02x}"
+                    raise self.fail("unknown opcode: the pickle is corrupt")
+                name, reader, handler = entry
+                pos += 1
+                arg = None
+                if reader is not None:
+                    arg, pos = reader(self, pos)
+                n_ops += 1
+                if handler is None:  # STOP
+                    break
+                handler(self, name, arg)
+            if self.marks or len(self.stack) != 1:
+                raise self.fail(f"STOP with {len(self.stack)} objects and {len(self.marks)} marks")
+        except _Refusal as refusal:
+            raise ValueError(f"{refusal} (pickle opcode {name} at byte {start})") from None
         return ScanSummary(n_ops, self.heap, self.depth_seen, self.persistent_ids, self.tensors)
 
     # One handler per opcode family, registered under the opcode names it serves.
     @_handles("MARK")
-    def _mark(self, arg) -> None:
+    def _mark(self, op: str, arg) -> None:
         self.fence = len(self.stack)
         self.marks.append(self.fence)
         self.charge(_COST["mark"])
 
     @_handles("BINPUT", "LONG_BINPUT", "PUT", "MEMOIZE")
-    def _put(self, arg) -> None:
+    def _put(self, op: str, arg) -> None:
         memo = self.memo
-        if self.op == "MEMOIZE":
+        if op == "MEMOIZE":
             index = len(memo)
-        elif self.op == "PUT":
+        elif op == "PUT":
             index = self.memo_index(arg)
         else:
             index = arg
@@ -311,112 +318,112 @@ class _Scanner:
         self.charge(_COST["memo"])
 
     @_handles("BINGET", "LONG_BINGET", "GET")
-    def _get(self, arg) -> None:
-        index = self.memo_index(arg) if self.op == "GET" else arg
+    def _get(self, op: str, arg) -> None:
+        index = self.memo_index(arg) if op == "GET" else arg
         sym = self.memo.get(index)
         if sym is None:
             raise self.fail(f"memo index {index} was never set: the pickle is corrupt")
         self.push(sym)
 
     @_handles("BININT1", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE")
-    def _singleton(self, arg) -> None:
+    def _singleton(self, op: str, arg) -> None:
         # Cached by CPython (small ints, None, bools, ()): only a pointer is added. The symbols
         # are shared too: leaves are never modified, and `nested` only matters for containers.
-        self.push(_SINGLETONS[self.op])
+        self.push(_SINGLETONS[op])
 
     @_handles("BININT", "BININT2")
-    def _int32(self, arg) -> None:
+    def _int32(self, op: str, arg) -> None:
         self.push(_Sym("smallint"), _COST["int"])
 
     @_handles("INT", "LONG")
-    def _int_text(self, arg) -> None:
+    def _int_text(self, op: str, arg) -> None:
         small = len(arg.rstrip(b"L").lstrip(b"-+")) <= _SMALL_INT_DIGITS
         self.push(_Sym("smallint" if small else "int"), _COST["int"] + len(arg))
 
     @_handles("LONG1", "LONG4")
-    def _long(self, arg) -> None:
+    def _long(self, op: str, arg) -> None:
         n = arg[0]
         self.push(_Sym("smallint" if n <= 7 else "int"), _COST["int"] + n)
 
     @_handles("BINFLOAT", "FLOAT")
-    def _float(self, arg) -> None:
+    def _float(self, op: str, arg) -> None:
         self.push(_Sym("float"), _COST["float"])
 
     @_handles("BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8")
-    def _unicode(self, arg) -> None:
+    def _unicode(self, op: str, arg) -> None:
         n, raw, ascii_only = arg
         # CPython stores a str in 1, 2 or 4 bytes per character: UTF-8 of n bytes needs at
         # most 4n (one astral character among ASCII), exactly n + 1 when ASCII.
         self.push(_Sym("str", raw=raw), _COST["str"] + (n if ascii_only else 4 * n))
 
     @_handles("UNICODE", "STRING")
-    def _text(self, arg) -> None:
+    def _text(self, op: str, arg) -> None:
         self.push(_Sym("str"), _COST["str"] + 4 * len(arg))
 
     @_handles("BINSTRING", "SHORT_BINSTRING")
-    def _binstring(self, arg) -> None:
+    def _binstring(self, op: str, arg) -> None:
         self.push(_Sym("str"), _COST["str"] + 4 * arg[0])
 
     @_handles("BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8")
-    def _bytes(self, arg) -> None:
+    def _bytes(self, op: str, arg) -> None:
         self.push(_Sym("bytes"), _COST["bytes"] + arg[0])
 
     @_handles("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3")
-    def _tuple(self, arg) -> None:
-        n = _TUPLE_SIZES.get(self.op)
+    def _tuple(self, op: str, arg) -> None:
+        n = _TUPLE_SIZES.get(op)
         items = self.pop_mark() if n is None else [self.pop() for _ in range(n)]
         self.new_container("tuple", items, _COST["tuple"] + _SLOT * len(items))
 
     @_handles("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET")
-    def _empty(self, arg) -> None:
-        kind = _EMPTY_KINDS[self.op]
+    def _empty(self, op: str, arg) -> None:
+        kind = _EMPTY_KINDS[op]
         self.push(_Sym(kind), _COST[kind])
 
     @_handles("LIST")
-    def _list(self, arg) -> None:
+    def _list(self, op: str, arg) -> None:
         items = self.pop_mark()
         self.new_container("list", items, _COST["list"] + _COST["list_item"] * len(items))
 
     @_handles("APPEND", "APPENDS")
-    def _append(self, arg) -> None:
-        items = [self.pop()] if self.op == "APPEND" else self.pop_mark()
-        self.nest(self.mutable_target(("list",), self.op), items)
+    def _append(self, op: str, arg) -> None:
+        items = [self.pop()] if op == "APPEND" else self.pop_mark()
+        self.nest(self.mutable_target(("list",), op), items)
         self.charge(_COST["list_item"] * len(items))
 
     @_handles("DICT")
-    def _dict(self, arg) -> None:
+    def _dict(self, op: str, arg) -> None:
         items = self.pop_mark()
         self.dict_items(items)
         self.new_container("dict", items, _COST["dict"] + _COST["dict_item"] * len(items))
 
     @_handles("SETITEM", "SETITEMS")
-    def _setitems(self, arg) -> None:
-        if self.op == "SETITEM":
+    def _setitems(self, op: str, arg) -> None:
+        if op == "SETITEM":
             value, key = self.pop(), self.pop()
             items = [key, value]
         else:
             items = self.pop_mark()
-        target = self.mutable_target(("dict", "odict"), self.op)
+        target = self.mutable_target(("dict", "odict"), op)
         self.dict_items(items)
         self.nest(target, items)
         self.charge(_COST[f"{target.kind}_item"] * (len(items) // 2))
 
     @_handles("ADDITEMS", "FROZENSET")
-    def _set_items(self, arg) -> None:
+    def _set_items(self, op: str, arg) -> None:
         items = self.pop_mark()
         self.count_hashed(items)
         cost = _COST["set_item"] * len(items)
-        if self.op == "ADDITEMS":
-            self.nest(self.mutable_target(("set",), self.op), items)
+        if op == "ADDITEMS":
+            self.nest(self.mutable_target(("set",), op), items)
             self.charge(cost)
         else:
             self.new_container("frozenset", items, _COST["set"] + cost)
 
     @_handles("POP", "POP_MARK", "DUP")
-    def _stack_op(self, arg) -> None:
-        if self.op == "DUP":
+    def _stack_op(self, op: str, arg) -> None:
+        if op == "DUP":
             self.push(self.top())
-        elif self.op == "POP_MARK":
+        elif op == "POP_MARK":
             self.pop_mark()
         elif self.marks and self.marks[-1] == len(self.stack):
             self.marks.pop()  # POP right after MARK discards the mark (as _pickle.c does)
@@ -425,46 +432,46 @@ class _Scanner:
             self.pop()
 
     @_handles("GLOBAL", "INST")
-    def _global(self, arg) -> None:
+    def _global(self, op: str, arg) -> None:
         module, name = (part.decode("utf-8", "replace") for part in arg)
         func = self.global_sym(module, name)
-        if self.op == "GLOBAL":
+        if op == "GLOBAL":
             self.push(func)
         else:
-            self.call(func, self.pop_mark(), self.op)
+            self.call(func, self.pop_mark(), op)
 
     @_handles("STACK_GLOBAL")
-    def _stack_global(self, arg) -> None:
+    def _stack_global(self, op: str, arg) -> None:
         name, module = self.pop(), self.pop()
         self.push(self.global_sym(self.text(module), self.text(name)))
 
     @_handles("REDUCE")
-    def _reduce(self, arg) -> None:
+    def _reduce(self, op: str, arg) -> None:
         args = self.pop()
         if args.kind != "tuple":
             raise self.fail(f"REDUCE arguments are a {args.kind}, not a tuple")
-        self.call(self.pop(), [args], self.op)
+        self.call(self.pop(), [args], op)
 
     @_handles("OBJ")
-    def _obj(self, arg) -> None:
+    def _obj(self, op: str, arg) -> None:
         items = self.pop_mark()
         if not items:
             raise self.fail("OBJ without a class: the pickle is corrupt")
-        self.call(items[0], items[1:], self.op)
+        self.call(items[0], items[1:], op)
 
     @_handles("NEWOBJ", "NEWOBJ_EX")
-    def _newobj(self, arg) -> None:
-        raise self.fail(f"{self.op} instantiates a class; no allow-listed name is a class")
+    def _newobj(self, op: str, arg) -> None:
+        raise self.fail(f"{op} instantiates a class; no allow-listed name is a class")
 
     @_handles("EXT1", "EXT2", "EXT4")
-    def _ext(self, arg) -> None:
+    def _ext(self, op: str, arg) -> None:
         raise self.fail(
             f"refusing to load global via the copyreg extension registry (code {arg}): "
             "torch.save never uses it"
         )
 
     @_handles("BUILD")
-    def _build(self, arg) -> None:
+    def _build(self, op: str, arg) -> None:
         state = self.pop()
         target = self.top()
         if target.kind != "odict" or target.nested or state.kind != "dict":
@@ -477,7 +484,7 @@ class _Scanner:
         self.nest(target, [state])
 
     @_handles("BINPERSID")
-    def _binpersid(self, arg) -> None:
+    def _binpersid(self, op: str, arg) -> None:
         pid = self.pop()
         if pid.kind != "tuple":
             raise self.fail(f"persistent id is a {pid.kind}, expected a storage tuple")
@@ -486,21 +493,21 @@ class _Scanner:
         self.push(_Sym("storage"), _COST["storage"])
 
     @_handles("PERSID")
-    def _persid(self, arg) -> None:
+    def _persid(self, op: str, arg) -> None:
         raise self.fail("text persistent ids (protocol 0) are not torch storages")
 
     @_handles("PROTO")
-    def _proto(self, arg) -> None:
+    def _proto(self, op: str, arg) -> None:
         if arg > pickle.HIGHEST_PROTOCOL:
             raise self.fail(f"pickle protocol {arg} is newer than this Python reads")
 
     @_handles("FRAME")
-    def _frame(self, arg) -> None:
-        self.need(self.at + 9, arg)
+    def _frame(self, op: str, arg) -> None:
+        pass  # the frame length was checked against what remains by `_frame_length`
 
     @_handles("NEXT_BUFFER", "READONLY_BUFFER")
-    def _buffer(self, arg) -> None:
-        raise self.fail(f"opcode {self.op} (out-of-band buffer) is not used by torch.save")
+    def _buffer(self, op: str, arg) -> None:
+        raise self.fail(f"opcode {op} (out-of-band buffer) is not used by torch.save")
 
     def memo_index(self, arg: bytes) -> int:
         """The index of a text (protocol 0) PUT/GET."""
@@ -570,6 +577,12 @@ def _line_pair(sc: _Scanner, pos: int):
     return (first, second), pos
 
 
+def _frame_length(sc: _Scanner, pos: int):
+    n, pos = _READERS["uint8"](sc, pos)
+    sc.need(pos, n)
+    return n, pos
+
+
 _READERS = {
     "uint1": _fixed("<B"),
     "uint2": _fixed("<H"),
@@ -603,6 +616,8 @@ def _build_table() -> list[tuple[str, object, object] | None]:
     table: list[tuple[str, object, object] | None] = [None] * 256
     for op in pickletools.opcodes:
         reader = None if op.arg is None else _READERS.get(op.arg.name)
+        if op.name == "FRAME":
+            reader = _frame_length
         if (op.arg is not None and reader is None) or (
             op.name != "STOP" and op.name not in _HANDLERS
         ):
@@ -637,4 +652,13 @@ def scan_pickle(
       ValueError: the stream breaks a bound, is malformed, or names a refused global; the
         message names the opcode and its byte offset.
     """
-    return _Scanner(bytes(data), allowed, (max_depth, max_heap_bytes)).run()
+    scanner = _Scanner(bytes(data), allowed, (max_depth, max_heap_bytes))
+    # The symbols form no reference cycles; without this, the cyclic collector re-walks the
+    # growing stack of millions of them and the scan turns superlinear.
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return scanner.run()
+    finally:
+        if was_enabled:
+            gc.enable()
