@@ -8,9 +8,11 @@ import shutil
 import numpy as np
 import pytest
 from golden import golden_dir
+from reader_cases import deep_key
 from safetensors.numpy import load_file, save_file
 
 import natjax
+from natjax.cli import main
 from natjax.convert import checkpoint
 
 INDEX = "model.safetensors.index.json"
@@ -151,3 +153,15 @@ def test_hf_layout_refuses_integer_weights(tmp_path, golden_weights):
     save_file(weights, str(folder / "model.safetensors"))
     with pytest.raises(ValueError, match=r"1 weights have the wrong dtype: \['classifier\.bias"):
         natjax.from_pretrained(folder)
+
+
+# ------------------------------------------------------------- the public entry points
+def test_from_pretrained_and_cli_refuse_the_deep_key_file(tmp_path, capsys):
+    # 200,000-deep dict key: the landed reader died with SIGSEGV here (hashing it in C).
+    path = deep_key(tmp_path / "deep.pth")
+    config = golden_dir("nat_rand") / "config.json"
+    with pytest.raises(ValueError, match=r"deep\.pth: an object is nested more than 100 levels"):
+        natjax.from_pretrained(path, config=config)
+    assert main(["convert", str(path), str(tmp_path / "out"), "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "natjax convert: error:" in err and "nested more" in err
