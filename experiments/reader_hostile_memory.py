@@ -2,9 +2,9 @@
 
 Builds every file of `tests/reader_cases.CASES` and `SCAN_WORST_CASES` (plus the golden
 `.bin`/`.pth` files for reference) in a temporary folder, then reads each one in a fresh child
-process with
-`natjax.convert.torch_zip.load_torch_state_dict` from every `--tree` given (e.g. the landed code
-and this branch), and prints the child's own peak RSS (`VmHWM`), wall time and outcome.
+process with `natjax.convert.torch_zip.load_torch_state_dict` from every `--tree` given (e.g. the
+landed code and this branch), and prints the child's own peak RSS (`VmHWM`), the CPU seconds of the load
+itself (a crashed or timed-out child: its wall time, startup included) and the outcome.
 
 The children import only the reader module (the package `__init__`s import jax, which would
 dominate the peak RSS) and run under a safety address-space cap (`--cap-gib`), so an unbounded
@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,20 +36,29 @@ GOLDEN = [
 
 # Child: stub the two packages (their __init__ import jax) so only the reader loads.
 CHILD = r"""
-import json, resource, sys, types
+import json, resource, sys, time, types
 tree, path, cap = sys.argv[1], sys.argv[2], int(sys.argv[3])
 for name, sub in (("natjax", "natjax"), ("natjax.convert", "natjax/convert")):
     mod = types.ModuleType(name)
     mod.__path__ = [f"{tree}/{sub}"]
     sys.modules[name] = mod
 from natjax.convert import torch_zip
+try:  # the allow-listed function a BUILD may rewrite (module moved in the new reader)
+    from natjax.convert.torch_tensors import _rebuild_tensor_v2 as fn
+except ImportError:
+    fn = torch_zip._rebuild_tensor_v2
+before = (fn.__qualname__, fn.__defaults__)
 resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+wall, cpu = time.perf_counter(), time.process_time()
 try:
     if path != "-":
         torch_zip.load_torch_state_dict(path)
     out = {"outcome": "ok"}
 except BaseException as err:  # the point is to see what escapes
     out = {"outcome": type(err).__name__, "message": str(err)[:160]}
+out["load_s"], out["cpu_s"] = time.perf_counter() - wall, time.process_time() - cpu
+if (fn.__qualname__, fn.__defaults__) != before:
+    out["outcome"] += " (fn rewritten)"
 # VmHWM: this process's own peak RSS (ru_maxrss would include the parent's, inherited via fork).
 out["hwm_mib"] = next(
     int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")
@@ -68,8 +78,8 @@ def peak_rss_mib(tree: str, path: str, cap: int, timeout: float) -> dict:
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        return {"wall_s": timeout, "rss_mib": None, "outcome": "timeout"}
-    result = {"wall_s": time.perf_counter() - start, "rss_mib": None}
+        return {"cpu_s": timeout, "rss_mib": None, "outcome": "timeout"}
+    result = {"cpu_s": time.perf_counter() - start, "rss_mib": None}
     try:
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         result.update(got, rss_mib=got["hwm_mib"])
@@ -98,15 +108,32 @@ def main() -> None:
         files += [(f"golden {p.parent.name}/{p.name}", str(p), p.stat().st_size) for p in GOLDEN]
         header = f"{'file':32s} {'bytes':>10s}"
         for tree in trees:
-            header += f" | {Path(tree).name + ' MiB':>12s} {'s':>6s} {'outcome':26s}"
+            header += f" | {Path(tree).name + ' MiB':>12s} {'cpu s':>6s} {'outcome':26s}"
         print(header)
         for name, path, size in files:
             line = f"{name:32s} {size:10d}"
             for tree in trees:
                 r = peak_rss_mib(tree, path, cap, args.timeout)
                 rss = "-" if r["rss_mib"] is None else f"{r['rss_mib']:.1f}"
-                line += f" | {rss:>12s} {r['wall_s']:6.2f} {r['outcome'][:26]:26s}"
+                line += f" | {rss:>12s} {r['cpu_s']:6.2f} {r['outcome'][:26]:26s}"
             print(line, flush=True)
+    scan_budget_of_golden()
+
+
+def scan_budget_of_golden() -> None:
+    """The pre-scan's heap estimate for real torch pickles, per pickle byte (this tree)."""
+    sys.path.insert(0, str(ROOT))
+    from natjax.convert import pickle_scan, torch_tensors, torch_zip
+
+    for path in GOLDEN:
+        with zipfile.ZipFile(path) as z:
+            payload = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        s = pickle_scan.scan_pickle(payload, torch_tensors.SCAN_KINDS, max_heap_bytes=2**40)
+        print(
+            f"pre-scan of {path.parent.name}/{path.name}: {s.opcodes} opcodes, {s.tensors} "
+            f"tensors, heap estimate {s.heap_bytes} B = {s.heap_bytes / len(payload):.1f} x the "
+            f"pickle (budget {torch_zip._HEAP_PER_PICKLE_BYTE} x + {torch_zip._HEAP_FLOOR} B)"
+        )
 
 
 if __name__ == "__main__":

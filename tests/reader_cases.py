@@ -9,6 +9,7 @@ This module depends only on the standard library, so it also runs against older 
 from __future__ import annotations
 
 import struct
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -246,6 +247,17 @@ def overlapping_records(path: Path) -> Path:
     return path
 
 
+def duplicate_names(path: Path) -> Path:
+    """Two records named `archive/data.pkl`: which one a reader uses is up to the reader."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns "Duplicate name"
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("archive/data.pkl", views_pickle(2, 4))
+            z.writestr("archive/data/0", bytes(16))
+            z.writestr("archive/data.pkl", PROTO2 + b"N.")
+    return path
+
+
 CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "deep_key": (deep_key, r"nested more than \d+ levels deep"),
     "memo_put_2**27": (memo_put, r"memo index 134217728"),
@@ -268,6 +280,7 @@ CASES: dict[str, tuple[Callable[[Path], Path], str]] = {
     "build_on_function": (build_on_function, r"BUILD"),
     "flipped_storage_byte": (flipped_storage_byte, r"CRC-32"),
     "overlapping_records": (overlapping_records, r"local header|overlap"),
+    "duplicate_names": (duplicate_names, r"appears twice"),
 }
 
 

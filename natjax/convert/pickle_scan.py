@@ -36,8 +36,9 @@ from dataclasses import dataclass
 # Real checkpoints nest a handful of levels (dict -> state dict -> tensor args tuple -> size
 # tuple); CPython's C recursion limits are in the thousands.
 MAX_DEPTH = 100
-# Dict keys / set items with attacker-chosen hashes: 4096 colliding keys cost ~0.2 s to insert,
-# 32768 cost ~15 s (measured, CPython 3.11). torch optimizer states key by small ints (exempt).
+# Dict keys / set items with attacker-chosen hashes: inserting n colliding keys costs O(n^2)
+# (20,000 take seconds: `colliding_keys_20k` in experiments/reader_hostile_memory.py). torch
+# optimizer states key by small ints, which are exempt.
 MAX_HASHED_KEYS = 4096
 
 # Global kinds the caller's allow-list maps names to.

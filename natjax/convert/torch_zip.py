@@ -75,11 +75,13 @@ STATE_DICT_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "mo
 # environment variable for bigger files.
 DEFAULT_MAX_BYTES = 16 * 2**30
 # torch pickles ~130 bytes per tensor, so 4 MiB is ~30,000 tensors (NAT/DiNAT checkpoints have a
-# few hundred, x3 with optimizer state). The pre-scan is pure Python (~1-2 us per opcode), so this
-# also bounds the time a hostile pickle costs. Module constant: raise it here if you must.
+# few hundred, x3 with optimizer state). The pre-scan is pure Python (about a microsecond per
+# opcode), so this also bounds the time a hostile pickle costs (`SCAN_WORST_CASES` in
+# experiments/reader_hostile_memory.py). Module constant: raise it here if you must.
 MAX_PICKLE_BYTES = 4 * 2**20
 # Heap the unpickler may build, under the cost model of `pickle_scan` (which never frees, as the
-# memo keeps every object alive): the golden torch pickles need 14-17 bytes per pickle byte.
+# memo keeps every object alive): the golden torch pickles need 14-17 bytes per pickle byte
+# (printed by experiments/reader_hostile_memory.py).
 _HEAP_PER_PICKLE_BYTE = 32
 _HEAP_FLOOR = 8 * 2**20
 
