@@ -70,7 +70,7 @@ _COST = {
     "tensor": 192,
     "storage": 256,
 }
-_MUTABLE = frozenset({"list", "dict", "odict", "set"})
+_MEMO_COST = _COST["memo"]
 _FIXED_HASH = frozenset({"str", "bytes", "smallint", "bool", "none"})
 
 
@@ -179,6 +179,14 @@ class _Scanner:
             raise self.fail("stack underflow: the pickle is corrupt")
         return self.stack.pop()
 
+    def pop_n(self, n: int) -> list[_Sym]:
+        stack = self.stack
+        if len(stack) - n < self.fence:
+            raise self.fail("stack underflow: the pickle is corrupt")
+        items = stack[-n:]
+        del stack[-n:]
+        return items
+
     def pop_mark(self) -> list[_Sym]:
         if not self.marks:
             raise self.fail("no MARK to pop to: the pickle is corrupt")
@@ -195,16 +203,17 @@ class _Scanner:
 
     def nest(self, container: _Sym, children: list[_Sym]) -> None:
         """Record that `children` now live inside `container` (depth, nesting, cycles)."""
-        depth = container.depth
+        depth = container.depth or 1
         for child in children:
             if child is container:
                 raise self.fail("a container holds itself: recursive structures are refused")
             child.nested = True
-            depth = max(depth, child.depth + 1)
-        container.depth = max(depth, 1)
-        if container.depth > self.depth_seen:
-            self.depth_seen = container.depth
-            if container.depth > self.max_depth:
+            if child.depth >= depth:
+                depth = child.depth + 1
+        container.depth = depth
+        if depth > self.depth_seen:
+            self.depth_seen = depth
+            if depth > self.max_depth:
                 raise self.fail(f"an object is nested more than {self.max_depth} levels deep")
 
     def mutable_target(self, kinds: tuple[str, ...], what: str) -> _Sym:
@@ -315,8 +324,12 @@ class _Scanner:
                 f"memo index {index} is beyond the {len(memo)} objects memoized so far "
                 "(picklers number them from 0): a memory-amplification attack?"
             )
-        memo[index] = self.top()
-        self.charge(_COST["memo"])
+        if len(self.stack) <= self.fence:
+            raise self.fail("stack underflow: the pickle is corrupt")
+        memo[index] = self.stack[-1]
+        self.heap += _MEMO_COST
+        if self.heap > self.max_heap:
+            raise self.over_budget()
 
     @_handles("BINGET", "LONG_BINGET", "GET")
     def _get(self, op: str, arg) -> None:
@@ -324,13 +337,19 @@ class _Scanner:
         sym = self.memo.get(index)
         if sym is None:
             raise self.fail(f"memo index {index} was never set: the pickle is corrupt")
-        self.push(sym)
+        self.stack.append(sym)
+        self.heap += _SLOT
+        if self.heap > self.max_heap:
+            raise self.over_budget()
 
     @_handles("BININT1", "NONE", "NEWTRUE", "NEWFALSE", "EMPTY_TUPLE")
     def _singleton(self, op: str, arg) -> None:
         # Cached by CPython (small ints, None, bools, ()): only a pointer is added. The symbols
         # are shared too: leaves are never modified, and `nested` only matters for containers.
-        self.push(_SINGLETONS[op])
+        self.stack.append(_SINGLETONS[op])
+        self.heap += _SLOT
+        if self.heap > self.max_heap:
+            raise self.over_budget()
 
     @_handles("BININT", "BININT2")
     def _int32(self, op: str, arg) -> None:
@@ -372,7 +391,7 @@ class _Scanner:
     @_handles("TUPLE", "TUPLE1", "TUPLE2", "TUPLE3")
     def _tuple(self, op: str, arg) -> None:
         n = _TUPLE_SIZES.get(op)
-        items = self.pop_mark() if n is None else [self.pop() for _ in range(n)]
+        items = self.pop_mark() if n is None else self.pop_n(n)
         self.new_container("tuple", items, _COST["tuple"] + _SLOT * len(items))
 
     @_handles("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET")
