@@ -107,6 +107,12 @@ def test_index_must_agree_with_its_shards(tmp_path, golden_weights):
     (folder / INDEX).write_text(json.dumps({"weight_map": {key: "missing.safetensors"}}))
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         natjax.from_pretrained(folder)
+    (folder / INDEX).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"index\.json: JSON nested too deeply"):
+        natjax.from_pretrained(folder)
+    (folder / INDEX).write_bytes(b'{"weight_map": {"a": "\xff"}}')
+    with pytest.raises(ValueError, match=r"index\.json: not UTF-8"):
+        natjax.from_pretrained(folder)
 
 
 # ------------------------------------------------------------------------ non-float weights

@@ -21,19 +21,24 @@ import logging
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from natjax.convert import torch_zip
 from natjax.convert.original import check_state_dict, hf_to_original, is_original_layout
 from natjax.convert.original import original_to_hf as _original_to_hf
+from natjax.convert.weights import (  # noqa: F401 (WEIGHT_SUFFIXES: re-exported)
+    WEIGHT_SUFFIXES,
+    check_float_weights,
+    read_sharded,
+    read_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +50,6 @@ HF_TORCH_NAME = "pytorch_model.bin"
 ORIGINAL_NAME = "original.pth"
 FORMAT_MARKER = "natjax"
 FORMAT_VERSION = 1
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 # safetensors header metadata of natjax checkpoints.
 _META = {"format": "np", "producer": "natjax"}
 
@@ -151,119 +155,13 @@ def config_to_dict(config) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ weights
-def read_weights(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """Read a weights file into numpy arrays (safetensors, or torch zip via the safe reader).
-
-    Args:
-      path: `.safetensors`, `.bin`, `.pth` or `.pt` file (the format is detected from the
-        content, the suffix only decides the error message).
-      max_bytes: cap on the tensor bytes read (default $NATJAX_MAX_CHECKPOINT_BYTES, else
-        16 GiB; see `torch_zip.read_torch_zip`).
-
-    Returns:
-      name -> array; for torch checkpoints wrapping the weights (e.g. `{"model": ...}`) the
-      wrapped state dict, the key used is logged.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    limit = torch_zip.resolve_max_bytes(max_bytes)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:2] == b"PK" or path.suffix in (".bin", ".pth", ".pt") or not head:
-        return torch_zip.load_torch_state_dict(path, max_bytes=limit)
-    size = path.stat().st_size
-    if size > limit:
-        raise ValueError(
-            f"{path}: {size} bytes, more than max_bytes={limit}; raise the limit with "
-            f"max_bytes= or ${torch_zip.MAX_BYTES_ENV} if the file is trusted"
-        )
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(
-            f"{path}: not a readable safetensors or torch.save file ({err}); supported weight "
-            f"files: {', '.join(WEIGHT_SUFFIXES)}"
-        ) from None
-
-
-def _shard_path(index: Path, name: object) -> Path:
-    """The file a sharded index's `weight_map` names, refused unless it is inside the folder.
-
-    The index is downloaded data: a name like `../../.ssh/id_rsa` or `/etc/passwd` must not make
-    us read (and report on) files elsewhere. Symlinks may point into the Hugging Face hub cache's
-    `blobs/` folder (`<repo>/snapshots/<revision>/<shard> -> ../../blobs/<hash>`), nowhere else.
-    """
-    folder = index.parent
-    pure = PurePosixPath(name) if isinstance(name, str) else None
-    if (
-        pure is None
-        or not name
-        or "\0" in name
-        or "\\" in name
-        or pure.is_absolute()
-        or PureWindowsPath(name).drive
-        or ".." in pure.parts
-    ):
-        raise ValueError(
-            f"{index}: weight_map names shard {name!r:.200}; expected a file name inside "
-            f"{folder} (no absolute paths, no '..')"
-        )
-    path = folder / pure
-    real, real_folder = path.resolve(), folder.resolve()
-    allowed = [real_folder]
-    if real_folder.parent.name == "snapshots":  # Hugging Face hub cache layout
-        allowed.append(real_folder.parent.parent / "blobs")
-    if not any(real.is_relative_to(root) for root in allowed):
-        raise ValueError(
-            f"{index}: shard {name!r} is a link to {real}, outside the checkpoint folder "
-            f"{folder}: refusing to read it"
-        )
-    return path
-
-
-def _read_sharded(index: Path, max_bytes: int | None = None) -> dict[str, np.ndarray]:
-    """The weights of a sharded safetensors checkpoint (`model.safetensors.index.json`)."""
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
-    odd = [k for k, v in weight_map.items() if not isinstance(v, str)]
-    if odd:
-        raise ValueError(f"{index}: weight_map entries {odd[:5]} do not name a shard file")
-    shards = {name: _shard_path(index, name) for name in set(weight_map.values())}
-    for name, path in shards.items():
-        if not path.is_file():
-            raise FileNotFoundError(f"{index}: shard {name!r} not found at {path}")
-    limit = torch_zip.resolve_max_bytes(max_bytes)
-    total = sum(path.stat().st_size for path in shards.values())
-    if total > limit:
-        raise ValueError(
-            f"{index}: its {len(shards)} shards hold {total} bytes, more than max_bytes={limit}; "
-            f"raise the limit with ${torch_zip.MAX_BYTES_ENV} if the files are trusted"
-        )
-    state: dict[str, np.ndarray] = {}
-    for name in sorted(shards):
-        part = read_weights(shards[name], max_bytes=limit)
-        absent = [k for k, v in weight_map.items() if v == name and k not in part]
-        if absent:
-            raise ValueError(
-                f"{index}: weight_map places {absent[:5]} ({len(absent)} in all) in {name!r}, "
-                "which does not hold them: the checkpoint is incomplete or corrupt"
-            )
-        twice = sorted(part.keys() & state.keys())
-        if twice:
-            raise ValueError(f"{index}: tensors {twice[:5]} appear in more than one shard")
-        state.update(part)
-    return state
-
-
 def _find_weights(folder: Path) -> tuple[dict[str, np.ndarray], str]:
     """Weights of a checkpoint folder and the file they came from."""
     for name in (NATJAX_WEIGHTS_NAME, HF_SAFETENSORS_NAME, HF_TORCH_NAME, ORIGINAL_NAME):
         if (folder / name).is_file():
             return read_weights(folder / name), name
     if (folder / HF_SAFETENSORS_INDEX).is_file():
-        return _read_sharded(folder / HF_SAFETENSORS_INDEX), HF_SAFETENSORS_INDEX
+        return read_sharded(folder / HF_SAFETENSORS_INDEX), HF_SAFETENSORS_INDEX
     found = sorted(p.name for p in folder.iterdir())[:10]
     raise FileNotFoundError(
         f"{folder}: no weights file; expected one of {NATJAX_WEIGHTS_NAME}, {HF_SAFETENSORS_NAME}, "
@@ -305,41 +203,6 @@ def nnx_flat_state(model: nnx.Module) -> dict[str, np.ndarray]:
         "/".join(map(str, path)): np.asarray(var.get_value())
         for path, var in nnx.to_flat_state(_persistent_state(model))
     }
-
-
-def _dtype_family(dtype) -> str:
-    for family in (jnp.floating, jnp.complexfloating, jnp.integer, jnp.bool_):
-        if jnp.issubdtype(dtype, family):
-            return family.__name__
-    return str(dtype)
-
-
-def check_float_weights(
-    state: Mapping[str, np.ndarray], what: str, reference: Mapping[str, Any] | None = None
-) -> None:
-    """Refuse weights whose dtype family differs from the model's (every NAT parameter is float).
-
-    An int64 or bool array would otherwise be cast silently into a float parameter.
-
-    Args:
-      state: name -> array, as loaded.
-      what: what is being loaded (for the message).
-      reference: name -> the model's value (anything with `.dtype`); None: all must be float.
-
-    Raises:
-      ValueError: listing the first offending names with their dtypes.
-    """
-    bad = []
-    for name, value in state.items():
-        want = "floating" if reference is None else _dtype_family(reference[name].dtype)
-        got = _dtype_family(value.dtype)
-        if got != want:
-            bad.append(f"{name} ({value.dtype}, model wants {want})")
-    if bad:
-        raise ValueError(
-            f"{what}: {len(bad)} weights have the wrong dtype: {bad[:5]}; NAT parameters are "
-            "floating point (float32/float16/bfloat16/float64): is this a NAT checkpoint?"
-        )
 
 
 def load_nnx_flat_state(model: nnx.Module, state: Mapping[str, np.ndarray], what: str) -> None:
