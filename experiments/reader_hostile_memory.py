@@ -2,9 +2,9 @@
 
 Builds every file of `tests/reader_cases.CASES` and `SCAN_WORST_CASES` (plus the golden
 `.bin`/`.pth` files for reference) in a temporary folder, then reads each one in a fresh child
-process with `natjax.convert.torch_zip.load_torch_state_dict` from every `--tree` given (e.g. the
-landed code and this branch), and prints the child's own peak RSS (`VmHWM`), the CPU seconds of the load
-itself (a crashed or timed-out child: its wall time, startup included) and the outcome.
+process with `natjax.convert.torch_zip.load_torch_state_dict` from every `--tree` given (e.g.
+the landed code and this branch). Prints the child's own peak RSS (`VmHWM`), the CPU seconds of
+the load itself (a crashed or timed-out child: its wall time, startup included), the outcome.
 
 The children import only the reader module (the package `__init__`s import jax, which would
 dominate the peak RSS) and run under a safety address-space cap (`--cap-gib`), so an unbounded
