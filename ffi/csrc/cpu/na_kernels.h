@@ -1,20 +1,23 @@
 // CPU neighborhood-attention kernels: forward, dq (+ delta, d_rpb partials) and dk/dv.
 //
-// Work unit = (batch, kv head, tile). A unit packs the keys/values its tile's queries can see
-// (the tile's "halo", a box per axis; dilation gaps and the heads interleave are removed and
-// low-precision inputs widened once) into contiguous float32 (float64) rows that stay in L2,
-// then serves every query head of the kv head's group from them (GQA reuses the packed keys).
+// Work unit = (batch, kv head, tile). A unit's queries see a box of keys, the tile's "halo"
+// (a union of windows, a run per axis), which stays in L2 while every query of the tile and
+// every query head of the kv head's group is served from it (GQA reuses the keys). The halo is
+// packed into contiguous, zero-padded float32 (float64) rows: dilation gaps and the other heads
+// removed, float16/bfloat16 widened once.
 //
-// Per query the neighborhood is flattened into a list of packed-row indices (and bias indices),
-// so borders, dilation groups, causal axes and whatever window rule the Python tables encode are
-// all the same loop: logits by 8-key dot blocks, an online softmax over chunks of the list
-// (FlashAttention-style running max and sum; the logits exist only as a chunk in L1, never as
-// an array), and p.V accumulated in float32 registers.
+// A query's neighborhood is a box: rows (outer offsets) of `c2` keys that are consecutive along
+// the innermost axis, at a fixed stride. Per row: logits by 8-key dot blocks plus the bias row
+// (contiguous in `rpb`), padded to 8 lanes with -inf; an online softmax over chunks of rows
+// (FlashAttention-style running max and sum: the logits only ever exist as one L1-sized chunk);
+// p.V accumulated in float32 registers. Two neighbouring queries of a row are processed
+// together when their windows overlap: each key and value row is loaded once for both. The
+// window tables decide everything else.
 //
 // Backward (FlashAttention-2 from the saved lse; delta = sum(dO * O) - d_lse):
 //   p = exp(s - lse), ds = p * (dO.v - delta);  dq = scale * sum ds k;
-//   dk = scale * sum ds q,  dv = sum p dO  over the key's *inverse* neighborhood (no atomics:
-//   every dk/dv row is owned by one unit, so results are deterministic);
+//   dk = scale * sum ds q,  dv = sum p dO  over the key's *inverse* neighborhood: every dk/dv
+//   row is owned by one unit (no atomics, deterministic);
 //   d_rpb: each dq unit bins ds into its own partial buffer, reduced in a fixed order.
 #pragma once
 
@@ -30,7 +33,7 @@
 
 namespace natjax {
 
-constexpr int64_t kChunk = 256;  // online-softmax chunk (logits kept in L1)
+constexpr int64_t kChunk = 256;  // online-softmax chunk, in logits (kept in L1)
 
 template <typename T, typename A>
 struct FwdArgs {
@@ -52,10 +55,25 @@ struct BwdArgs {
   int64_t tiles_per_dq_unit;
 };
 
+// Rows of a box: element (x0, x1, x2) starts at base + x0*s0 + x1*s1 + x2*s2.
+template <typename A>
+struct View {
+  const A* base = nullptr;
+  int64_t s0 = 0, s1 = 0, s2 = 0;
+  const A* at(int64_t x0, int64_t x1, int64_t x2) const { return base + x0 * s0 + x1 * s1 + x2 * s2; }
+};
+
+struct Position {
+  int64_t p[kAxes];
+  int64_t box_index;
+};
+
 template <typename A>
 struct Scratch {
-  std::vector<A> k, v, q, dout, dk, dv, rowq, rowdo, acc, logit, p, dp, sub, lse, delta;
-  std::vector<int32_t> idx, bidx, bax[kAxes];
+  std::vector<A> k, v, q, dout, dk, dv, rowq, rowdo, acc, logit, p, dp, bias, gbias, glse,
+      gdelta;
+  std::vector<int32_t> bax[kAxes];
+  std::vector<Position> order;
 };
 
 template <typename A>
@@ -66,81 +84,154 @@ Scratch<A>& thread_scratch() {
 
 inline int64_t box_volume(const Range r[kAxes]) { return r[0].count * r[1].count * r[2].count; }
 
-// Packs `src` rows ([B, N, nheads, dim] layout) of the positions in `box` into dst [vol, ld].
+// The rows ([B, N, nheads, dim] layout) of `box`, packed into `pack` (converted, zero-padded
+// to `ld`): contiguous rows in a small buffer. Reading float32 inputs in place through strides
+// was measured 1.5x slower (rows 2*H*D bytes apart alias in L1), despite saving the copy.
 template <typename T, typename A>
-void pack_rows(const Geometry& g, const T* src, int64_t b, int64_t head, int64_t nheads,
-               int64_t dim, const Range box[kAxes], A scale, A* dst, int64_t ld) {
-  int64_t row = 0;
+View<A> box_view(const Geometry& g, const T* src, int64_t b, int64_t head, int64_t nheads,
+                 int64_t dim, const Range box[kAxes], int64_t ld, std::vector<A>& pack) {
+  pack.resize(box_volume(box) * ld);
+  A* d = pack.data();
   for (int64_t x0 = 0; x0 < box[0].count; ++x0) {
     const int64_t p0 = box[0].start + g.axis[0].dilation * x0;
     for (int64_t x1 = 0; x1 < box[1].count; ++x1) {
       const int64_t p1 = box[1].start + g.axis[1].dilation * x1;
-      for (int64_t x2 = 0; x2 < box[2].count; ++x2, ++row) {
+      for (int64_t x2 = 0; x2 < box[2].count; ++x2, d += ld) {
         const int64_t p2 = box[2].start + g.axis[2].dilation * x2;
         const T* s = src + ((b * g.tokens + g.flat(p0, p1, p2)) * nheads + head) * dim;
-        A* d = dst + row * ld;
-        for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<A>(to_float(s[c])) * scale;
+        for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<A>(to_float(s[c]));
         for (int64_t c = dim; c < ld; ++c) d[c] = 0;
       }
     }
   }
+  View<A> v;
+  v.base = pack.data();
+  v.s2 = ld;
+  v.s1 = box[2].count * ld;
+  v.s0 = box[1].count * box[2].count * ld;
+  return v;
 }
 
-// Packs one value per position ([B, N, H] layout) of `box` into dst.
+// View of one value per position ([B, N, H] layout, accumulation type) for head h over `box`.
 template <typename A>
-void pack_values(const Geometry& g, const A* src, int64_t b, int64_t h, const Range box[kAxes],
-                 A* dst) {
-  int64_t row = 0;
-  for (int64_t x0 = 0; x0 < box[0].count; ++x0) {
-    const int64_t p0 = box[0].start + g.axis[0].dilation * x0;
-    for (int64_t x1 = 0; x1 < box[1].count; ++x1) {
-      const int64_t p1 = box[1].start + g.axis[1].dilation * x1;
-      for (int64_t x2 = 0; x2 < box[2].count; ++x2, ++row) {
-        const int64_t p2 = box[2].start + g.axis[2].dilation * x2;
-        dst[row] = src[(b * g.tokens + g.flat(p0, p1, p2)) * g.heads + h];
-      }
-    }
-  }
+View<A> scalar_view(const Geometry& g, const A* src, int64_t b, int64_t h, const Range box[kAxes]) {
+  const int64_t L1 = g.axis[1].length, L2 = g.axis[2].length;
+  View<A> v;
+  v.base = src + (b * g.tokens + g.flat(box[0].start, box[1].start, box[2].start)) * g.heads + h;
+  v.s2 = g.axis[2].dilation * g.heads;
+  v.s1 = g.axis[1].dilation * L2 * g.heads;
+  v.s0 = g.axis[0].dilation * L1 * L2 * g.heads;
+  return v;
 }
 
-// Flattens query position (i0, i1, i2)'s neighborhood into packed-row indices of the key halo
-// `kh` (idx) and bias indices (bidx). Returns the neighborhood size.
-inline int64_t window_lists(const Geometry& g, const int64_t i[kAxes], const Range kh[kAxes],
-                            int32_t* idx, int32_t* bidx) {
-  int64_t o[kAxes], c[kAxes], r[kAxes];
-  for (int a = 0; a < kAxes; ++a) {
-    const AxisTables& ax = g.axis[a];
-    c[a] = ax.win_count[i[a]];
-    o[a] = (ax.win_start[i[a]] - kh[a].start) / ax.dilation;
-    r[a] = g.has_rpb ? ax.rpb_start[i[a]] : 0;
-  }
-  const int64_t hc1 = kh[1].count, hc2 = kh[2].count;
-  const int64_t rd1 = g.axis[1].rpb_dim, rd2 = g.axis[2].rpb_dim;
-  int64_t m = 0;
-  for (int64_t x0 = 0; x0 < c[0]; ++x0)
-    for (int64_t x1 = 0; x1 < c[1]; ++x1) {
-      const int64_t base = ((o[0] + x0) * hc1 + (o[1] + x1)) * hc2 + o[2];
-      const int64_t bbase = ((r[0] + x0) * rd1 + (r[1] + x1)) * rd2 + r[2];
-      for (int64_t x2 = 0; x2 < c[2]; ++x2, ++m) {
-        idx[m] = static_cast<int32_t>(base + x2);
-        bidx[m] = static_cast<int32_t>(bbase + x2);
-      }
-    }
-  return m;
+// Prefetch hint for one row (may point past the buffer: prefetches never fault).
+template <typename T>
+inline void prefetch_row(const T* p, int64_t dim) {
+  for (int64_t c = 0; c < dim * static_cast<int64_t>(sizeof(T)); c += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + c);
 }
 
+// Loads one input row, converted and multiplied by `scale`, zero-padded to `ld`.
+template <typename T, typename A>
+void load_row(const T* src, int64_t dim, A scale, A* dst, int64_t ld) {
+  for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<A>(to_float(src[c])) * scale;
+  for (int64_t c = dim; c < ld; ++c) dst[c] = 0;
+}
+
+// The bias of head h, with kLanes zeros on both sides: 8-lane loads that start up to 8 values
+// before a row or end up to 8 after it stay inside the buffer (those lanes are masked).
 template <typename A>
-void add_bias(A* logit, const A* rpb_h, const int32_t* bidx, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) logit[j] += rpb_h[bidx[j]];
+const A* padded_bias(const Geometry& g, const A* rpb, int64_t h, std::vector<A>& buf) {
+  buf.assign(g.rpb_volume + 2 * kLanes, A(0));
+  if (g.has_rpb)
+    std::copy(rpb + h * g.rpb_volume, rpb + (h + 1) * g.rpb_volume, buf.begin() + kLanes);
+  return buf.data() + kLanes;
 }
 
-inline int64_t window_volume_max(const Geometry& g) {
-  return g.axis[0].max_window * g.axis[1].max_window * g.axis[2].max_window;
+// One query's window, relative to the key halo `kh`: row (x0, x1) holds `c[2]` keys starting at
+// halo coordinates (o0 + x0, o1 + x1, o2); its bias row starts at `bias_row(x0, x1)`.
+struct Window {
+  int64_t o[kAxes], c[kAxes], r[kAxes], rd1, rd2;
+  Window(const Geometry& g, const int64_t i[kAxes], const Range kh[kAxes]) {
+    for (int a = 0; a < kAxes; ++a) {
+      const AxisTables& ax = g.axis[a];
+      c[a] = ax.win_count[i[a]];
+      o[a] = (ax.win_start[i[a]] - kh[a].start) / ax.dilation;
+      r[a] = g.has_rpb ? ax.rpb_start[i[a]] : 0;
+    }
+    rd1 = g.axis[1].rpb_dim;
+    rd2 = g.axis[2].rpb_dim;
+  }
+  int64_t rows() const { return c[0] * c[1]; }
+  int64_t bias_row(int64_t x0, int64_t x1) const {
+    return ((r[0] + x0) * rd1 + (r[1] + x1)) * rd2 + r[2];
+  }
+};
+
+// Positions of a box in row-major processing order (measured faster than inner-axis-outermost:
+// the windows of consecutive queries slide along contiguous packed rows, which the hardware
+// prefetchers follow). `box_index` is the row-major index in the box.
+
+inline void box_positions(const Geometry& g, const Range box[kAxes], std::vector<Position>& out) {
+  out.clear();
+  for (int64_t x0 = 0; x0 < box[0].count; ++x0)
+    for (int64_t x1 = 0; x1 < box[1].count; ++x1)
+      for (int64_t x2 = 0; x2 < box[2].count; ++x2) {
+        Position q;
+        q.p[0] = box[0].start + g.axis[0].dilation * x0;
+        q.p[1] = box[1].start + g.axis[1].dilation * x1;
+        q.p[2] = box[2].start + g.axis[2].dilation * x2;
+        q.box_index = (x0 * box[1].count + x1) * box[2].count + x2;
+        out.push_back(q);
+      }
+}
+
+inline int64_t chunk_capacity(const Geometry& g) {
+  return std::max(kChunk, pad_lanes(std::max(g.axis[2].max_window, g.axis[2].max_inverse)));
 }
 
 // ---------------------------------------------------------------------------------------------
 // Forward.
 // ---------------------------------------------------------------------------------------------
+
+// Online-softmax state of one query (FlashAttention-style running max and sum).
+template <typename A>
+struct Softmax {
+  A m = -std::numeric_limits<A>::infinity(), l = 0;
+  // Folds in a chunk of n logits (-inf padded), writing their weights to p; rescales acc.
+  void update(const A* logit, A* p, int64_t n, A* acc, int64_t len) {
+    const A m_chunk = block_max(logit, n);
+    if (m_chunk > m) {
+      if (l > 0) {
+        const A alpha = std::exp(m - m_chunk);
+        l *= alpha;
+        for (int64_t c = 0; c < len; ++c) acc[c] *= alpha;
+      }
+      m = m_chunk;
+    }
+    l += exp_sub(logit, &m, 0, p, n);
+  }
+};
+
+// Writes a query's output row and lse.
+template <typename T, typename A>
+void finish_query(const Geometry& g, const Softmax<A>& sm, const A* acc, T* out, A* lse) {
+  const A inv = A(1) / sm.l;
+  for (int64_t c = 0; c < g.value_dim; ++c) out[c] = from_float<T>(acc[c] * inv);
+  *lse = sm.m + std::log(sm.l);
+}
+
+// Two queries of one row whose inner windows overlap can share every key and value load: the
+// union of their windows is one run per window row (8 keys for two neighbours of a 7-window).
+inline bool can_pair(const Window& a, const Window& b, int64_t* u0, int64_t* un) {
+  if (a.c[0] != b.c[0] || a.c[1] != b.c[1] || a.o[0] != b.o[0] || a.o[1] != b.o[1]) return false;
+  const int64_t lo = std::min(a.o[2], b.o[2]);
+  const int64_t hi = std::max(a.o[2] + a.c[2], b.o[2] + b.c[2]);
+  if (std::max(a.o[2], b.o[2]) > std::min(a.o[2] + a.c[2], b.o[2] + b.c[2])) return false;
+  *u0 = lo;
+  *un = hi - lo;
+  return pad_lanes(hi - lo) == pad_lanes(std::max(a.c[2], b.c[2]));
+}
 
 template <typename T, typename A>
 void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
@@ -148,61 +239,98 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
   const int64_t ntiles = g.num_tiles(), group = g.group_size();
   const int64_t tile = unit % ntiles, kvh = (unit / ntiles) % g.kv_heads;
   const int64_t b = unit / ntiles / g.kv_heads;
-  const int64_t dp = pad_lanes(g.head_dim), dvp = pad_lanes(g.value_dim);
+  const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
   Range qr[kAxes], kh[kAxes];
   g.tile_ranges(tile, qr);
   for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
-  const int64_t hvol = box_volume(kh), wmax = window_volume_max(g);
-  s.k.resize(hvol * dp);
-  s.v.resize(hvol * dvp);
-  pack_rows(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, A(1), s.k.data(), dp);
-  pack_rows(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, A(1), s.v.data(), dvp);
-  s.idx.resize(wmax);
-  s.bidx.resize(wmax);
-  s.logit.resize(kChunk);
-  s.p.resize(kChunk);
-  s.rowq.resize(dp);
-  s.acc.resize(dvp);
+  const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k);
+  const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v);
+  const int64_t cap = chunk_capacity(g);
+  s.logit.resize(2 * cap);
+  s.p.resize(2 * cap);
+  s.rowq.resize(2 * dl);
+  s.acc.resize(2 * dvl);
+  A* const qa = s.rowq.data();
+  A* const qb = qa + dl;
+  A* const acc_a = s.acc.data();
+  A* const acc_b = acc_a + dvl;
+  A* const la = s.logit.data();
+  A* const lb = la + cap;
+  A* const pa = s.p.data();
+  A* const pb = pa + cap;
   const A scale = static_cast<A>(g.scale);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  box_positions(g, qr, s.order);
+  const std::vector<Position>& order = s.order;
+  auto row_of = [&](size_t t, int64_t h) {
+    const int64_t* i = order[t].p;
+    return (b * g.tokens + g.flat(i[0], i[1], i[2])) * g.heads + h;
+  };
   for (int64_t hh = 0; hh < group; ++hh) {
     const int64_t h = kvh * group + hh;
-    const A* rpb_h = args.rpb + h * g.rpb_volume;
-    int64_t i[kAxes];
-    for (int64_t y0 = 0; y0 < qr[0].count; ++y0) {
-      i[0] = qr[0].start + g.axis[0].dilation * y0;
-      for (int64_t y1 = 0; y1 < qr[1].count; ++y1) {
-        i[1] = qr[1].start + g.axis[1].dilation * y1;
-        for (int64_t y2 = 0; y2 < qr[2].count; ++y2) {
-          i[2] = qr[2].start + g.axis[2].dilation * y2;
-          const int64_t row = (b * g.tokens + g.flat(i[0], i[1], i[2])) * g.heads + h;
-          const T* qs = args.q + row * g.head_dim;
-          for (int64_t c = 0; c < g.head_dim; ++c) s.rowq[c] = static_cast<A>(to_float(qs[c])) * scale;
-          for (int64_t c = g.head_dim; c < dp; ++c) s.rowq[c] = 0;
-          std::fill(s.acc.begin(), s.acc.end(), A(0));
-          const int64_t vol = window_lists(g, i, kh, s.idx.data(), s.bidx.data());
-          A m_run = -std::numeric_limits<A>::infinity(), l_run = 0;
-          for (int64_t j0 = 0; j0 < vol; j0 += kChunk) {
-            const int64_t n = std::min(kChunk, vol - j0);
-            dot_rows(s.rowq.data(), s.k.data(), dp, s.idx.data() + j0, n, s.logit.data());
-            if (g.has_rpb) add_bias(s.logit.data(), rpb_h, s.bidx.data() + j0, n);
-            const A m_chunk = max_of(s.logit.data(), n);
-            if (m_chunk > m_run) {  // rescale what was accumulated under the old maximum
-              if (l_run > 0) {
-                const A alpha = std::exp(m_run - m_chunk);
-                l_run *= alpha;
-                for (int64_t c = 0; c < dvp; ++c) s.acc[c] *= alpha;
-              }
-              m_run = m_chunk;
-            }
-            l_run += exp_sub(s.logit.data(), &m_run, 0, s.p.data(), n);
-            axpy_rows(s.acc.data(), s.p.data(), s.v.data(), dvp, s.idx.data() + j0, n);
+    const A* bias = padded_bias(g, args.rpb, h, s.bias);
+    for (size_t t = 0; t < order.size();) {
+      if (t + 3 < order.size())  // later queries' rows come from L3/DRAM: start them now
+        for (size_t u = t + 2; u < t + 4; ++u)
+          prefetch_row(args.q + row_of(u, h) * g.head_dim, g.head_dim);
+      const Window wa(g, order[t].p, kh);
+      int64_t u0 = 0, un = 0;
+      const bool pair = t + 1 < order.size() && [&] {
+        const Window wb(g, order[t + 1].p, kh);
+        return can_pair(wa, wb, &u0, &un);
+      }();
+      const int64_t row_a = row_of(t, h);
+      load_row(args.q + row_a * g.head_dim, g.head_dim, scale, qa, dl);
+      std::fill(acc_a, acc_a + dvl, A(0));
+      Softmax<A> sa, sb;
+      if (!pair) {
+        const int64_t width = pad_lanes(wa.c[2]), per_chunk = std::max<int64_t>(1, cap / width);
+        for (int64_t r0 = 0; r0 < wa.rows(); r0 += per_chunk) {
+          const int64_t nr = std::min(per_chunk, wa.rows() - r0);
+          for (int64_t rr = 0; rr < nr; ++rr) {
+            const int64_t x0 = (r0 + rr) / wa.c[1], x1 = (r0 + rr) % wa.c[1];
+            row_logits(qa, K.at(wa.o[0] + x0, wa.o[1] + x1, wa.o[2]), K.s2, wa.c[2], dl,
+                       g.has_rpb ? bias + wa.bias_row(x0, x1) : nullptr, neg_inf, la + rr * width);
           }
-          const A inv = A(1) / l_run;
-          T* o = args.out + row * g.value_dim;
-          for (int64_t c = 0; c < g.value_dim; ++c) o[c] = from_float<T>(s.acc[c] * inv);
-          args.lse[row] = m_run + std::log(l_run);
+          sa.update(la, pa, nr * width, acc_a, dvl);
+          for (int64_t rr = 0; rr < nr; ++rr) {
+            const int64_t x0 = (r0 + rr) / wa.c[1], x1 = (r0 + rr) % wa.c[1];
+            row_axpy(acc_a, pa + rr * width, V.at(wa.o[0] + x0, wa.o[1] + x1, wa.o[2]), V.s2,
+                     wa.c[2], dvl);
+          }
+        }
+        finish_query(g, sa, acc_a, args.out + row_a * g.value_dim, args.lse + row_a);
+        t += 1;
+        continue;
+      }
+      const Window wb(g, order[t + 1].p, kh);
+      const int64_t row_b = row_of(t + 1, h);
+      load_row(args.q + row_b * g.head_dim, g.head_dim, scale, qb, dl);
+      std::fill(acc_b, acc_b + dvl, A(0));
+      const int64_t off_a = wa.o[2] - u0, off_b = wb.o[2] - u0;
+      const int64_t width = pad_lanes(un), per_chunk = std::max<int64_t>(1, cap / width);
+      for (int64_t r0 = 0; r0 < wa.rows(); r0 += per_chunk) {
+        const int64_t nr = std::min(per_chunk, wa.rows() - r0);
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          const int64_t x0 = (r0 + rr) / wa.c[1], x1 = (r0 + rr) % wa.c[1];
+          // Bias pointers are shifted so that run position j reads the query's own bias row
+          // (the buffer has zero padding on both sides for the lanes outside a window).
+          row_logits2(qa, qb, K.at(wa.o[0] + x0, wa.o[1] + x1, u0), K.s2, un, dl,
+                      g.has_rpb ? bias + wa.bias_row(x0, x1) - off_a : nullptr,
+                      g.has_rpb ? bias + wb.bias_row(x0, x1) - off_b : nullptr, off_a, wa.c[2],
+                      off_b, wb.c[2], la + rr * width, lb + rr * width);
+        }
+        sa.update(la, pa, nr * width, acc_a, dvl);
+        sb.update(lb, pb, nr * width, acc_b, dvl);
+        for (int64_t rr = 0; rr < nr; ++rr) {
+          const int64_t x0 = (r0 + rr) / wa.c[1], x1 = (r0 + rr) % wa.c[1];
+          row_axpy2(acc_a, acc_b, pa + rr * width, pb + rr * width,
+                    V.at(wa.o[0] + x0, wa.o[1] + x1, u0), V.s2, un, dvl);
         }
       }
+      finish_query(g, sa, acc_a, args.out + row_a * g.value_dim, args.lse + row_a);
+      finish_query(g, sb, acc_b, args.out + row_b * g.value_dim, args.lse + row_b);
+      t += 2;
     }
   }
 }
@@ -218,69 +346,70 @@ void dq_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
   const int64_t per_bg = (ntiles + args.tiles_per_dq_unit - 1) / args.tiles_per_dq_unit;
   const int64_t chunk = unit % per_bg, kvh = (unit / per_bg) % g.kv_heads;
   const int64_t b = unit / per_bg / g.kv_heads;
-  const int64_t dp = pad_lanes(g.head_dim), dvp = pad_lanes(g.value_dim);
-  const int64_t wmax = window_volume_max(g);
+  const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
   const A scale = static_cast<A>(g.scale);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
   A* partial = g.has_rpb ? args.drpb_partial + unit * group * g.rpb_volume : nullptr;
   if (partial) std::fill(partial, partial + group * g.rpb_volume, A(0));
-  s.idx.resize(wmax);
-  s.bidx.resize(wmax);
-  s.logit.resize(kChunk);
-  s.p.resize(kChunk);
-  s.dp.resize(kChunk);
-  s.rowq.resize(dp);
-  s.rowdo.resize(dvp);
-  s.acc.resize(dp);
+  const int64_t cap = chunk_capacity(g);
+  s.logit.resize(cap);
+  s.p.resize(cap);
+  s.dp.resize(cap);
+  s.rowq.resize(dl);
+  s.rowdo.resize(dvl);
+  s.acc.resize(dl);
   const int64_t t_end = std::min(ntiles, (chunk + 1) * args.tiles_per_dq_unit);
   for (int64_t tile = chunk * args.tiles_per_dq_unit; tile < t_end; ++tile) {
     Range qr[kAxes], kh[kAxes];
     g.tile_ranges(tile, qr);
     for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
-    const int64_t hvol = box_volume(kh);
-    s.k.resize(hvol * dp);
-    s.v.resize(hvol * dvp);
-    pack_rows(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, A(1), s.k.data(), dp);
-    pack_rows(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, A(1), s.v.data(), dvp);
+    const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k);
+    const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v);
+    box_positions(g, qr, s.order);
     for (int64_t hh = 0; hh < group; ++hh) {
       const int64_t h = kvh * group + hh;
-      const A* rpb_h = args.rpb + h * g.rpb_volume;
+      const A* bias = padded_bias(g, args.rpb, h, s.bias);
       A* part_h = partial ? partial + hh * g.rpb_volume : nullptr;
-      int64_t i[kAxes];
-      for (int64_t y0 = 0; y0 < qr[0].count; ++y0) {
-        i[0] = qr[0].start + g.axis[0].dilation * y0;
-        for (int64_t y1 = 0; y1 < qr[1].count; ++y1) {
-          i[1] = qr[1].start + g.axis[1].dilation * y1;
-          for (int64_t y2 = 0; y2 < qr[2].count; ++y2) {
-            i[2] = qr[2].start + g.axis[2].dilation * y2;
+      for (const Position& pos : s.order) {
+        {
+          {
+            const int64_t* i = pos.p;
             const int64_t row = (b * g.tokens + g.flat(i[0], i[1], i[2])) * g.heads + h;
-            const T* qs = args.q + row * g.head_dim;
-            const T* dos = args.d_out + row * g.value_dim;
+            load_row(args.q + row * g.head_dim, g.head_dim, scale, s.rowq.data(), dl);
+            load_row(args.d_out + row * g.value_dim, g.value_dim, A(1), s.rowdo.data(), dvl);
             const T* os = args.out + row * g.value_dim;
             A delta = 0;
-            for (int64_t c = 0; c < g.head_dim; ++c) s.rowq[c] = static_cast<A>(to_float(qs[c])) * scale;
-            for (int64_t c = g.head_dim; c < dp; ++c) s.rowq[c] = 0;
-            for (int64_t c = 0; c < g.value_dim; ++c) {
-              s.rowdo[c] = static_cast<A>(to_float(dos[c]));
+            for (int64_t c = 0; c < g.value_dim; ++c)
               delta += s.rowdo[c] * static_cast<A>(to_float(os[c]));
-            }
-            for (int64_t c = g.value_dim; c < dvp; ++c) s.rowdo[c] = 0;
             delta -= args.d_lse[row];
             args.delta[row] = delta;
             const A lse = args.lse[row];
             std::fill(s.acc.begin(), s.acc.end(), A(0));
-            const int64_t vol = window_lists(g, i, kh, s.idx.data(), s.bidx.data());
-            for (int64_t j0 = 0; j0 < vol; j0 += kChunk) {
-              const int64_t n = std::min(kChunk, vol - j0);
-              const int32_t* idx = s.idx.data() + j0;
-              dot_rows(s.rowq.data(), s.k.data(), dp, idx, n, s.logit.data());
-              if (g.has_rpb) add_bias(s.logit.data(), rpb_h, s.bidx.data() + j0, n);
+            const Window w(g, i, kh);
+            const int64_t width = pad_lanes(w.c[2]);
+            const int64_t per_chunk = std::max<int64_t>(1, cap / width);
+            for (int64_t r0 = 0; r0 < w.rows(); r0 += per_chunk) {
+              const int64_t nr = std::min(per_chunk, w.rows() - r0);
+              for (int64_t rr = 0; rr < nr; ++rr) {
+                const int64_t x0 = (r0 + rr) / w.c[1], x1 = (r0 + rr) % w.c[1];
+                row_logits(s.rowq.data(), K.at(w.o[0] + x0, w.o[1] + x1, w.o[2]), K.s2, w.c[2],
+                           dl, g.has_rpb ? bias + w.bias_row(x0, x1) : nullptr, neg_inf,
+                           s.logit.data() + rr * width);
+                row_logits(s.rowdo.data(), V.at(w.o[0] + x0, w.o[1] + x1, w.o[2]), V.s2, w.c[2],
+                           dvl, static_cast<const A*>(nullptr), A(0), s.dp.data() + rr * width);
+              }
+              const int64_t n = nr * width;
               exp_sub(s.logit.data(), &lse, 0, s.p.data(), n);
-              dot_rows(s.rowdo.data(), s.v.data(), dvp, idx, n, s.dp.data());
-              for (int64_t j = 0; j < n; ++j) s.dp[j] = s.p[j] * (s.dp[j] - delta);  // ds
-              axpy_rows(s.acc.data(), s.dp.data(), s.k.data(), dp, idx, n);
-              if (part_h) {
-                const int32_t* bidx = s.bidx.data() + j0;
-                for (int64_t j = 0; j < n; ++j) part_h[bidx[j]] += s.dp[j];
+              A* ds = s.dp.data();
+              for (int64_t j = 0; j < n; ++j) ds[j] = s.p[j] * (ds[j] - delta);
+              for (int64_t rr = 0; rr < nr; ++rr) {
+                const int64_t x0 = (r0 + rr) / w.c[1], x1 = (r0 + rr) % w.c[1];
+                row_axpy(s.acc.data(), ds + rr * width, K.at(w.o[0] + x0, w.o[1] + x1, w.o[2]),
+                         K.s2, w.c[2], dl);
+                if (part_h) {
+                  A* dst = part_h + w.bias_row(x0, x1);
+                  for (int64_t x2 = 0; x2 < w.c[2]; ++x2) dst[x2] += ds[rr * width + x2];
+                }
               }
             }
             T* dq = args.dq + row * g.head_dim;
@@ -296,108 +425,111 @@ void dq_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
 // Backward, pass 2: dk and dv over each key's inverse neighborhood.
 // ---------------------------------------------------------------------------------------------
 
-// Flattens key position j's inverse neighborhood into packed-row indices of the query halo
-// `qh` (idx) and the bias index of each (query, key) pair (bidx). Returns its size.
-template <typename A>
-int64_t inverse_lists(const Geometry& g, const int64_t j[kAxes], const Range qh[kAxes],
-                      Scratch<A>& s) {
-  int64_t o[kAxes], c[kAxes];
-  for (int a = 0; a < kAxes; ++a) {
-    const AxisTables& ax = g.axis[a];
-    c[a] = ax.inv_count[j[a]];
-    if (c[a] == 0) return 0;
-    const int64_t first = ax.inv_start[j[a]];
-    o[a] = (first - qh[a].start) / ax.dilation;
-    int32_t* bax = s.bax[a].data();
-    for (int64_t t = 0; t < c[a]; ++t) {
-      const int64_t i = first + ax.dilation * t;
-      // Offset of key j in query i's window, along this axis, as a bias index.
-      bax[t] = g.has_rpb ? static_cast<int32_t>(ax.rpb_start[i] +
-                                                 (j[a] - ax.win_start[i]) / ax.dilation)
-                         : 0;
-    }
-  }
-  const int64_t hc1 = qh[1].count, hc2 = qh[2].count;
-  const int64_t rd1 = g.axis[1].rpb_dim, rd2 = g.axis[2].rpb_dim;
-  int64_t m = 0;
-  for (int64_t t0 = 0; t0 < c[0]; ++t0)
-    for (int64_t t1 = 0; t1 < c[1]; ++t1) {
-      const int64_t base = ((o[0] + t0) * hc1 + (o[1] + t1)) * hc2 + o[2];
-      const int64_t bbase = (s.bax[0][t0] * rd1 + s.bax[1][t1]) * rd2;
-      for (int64_t t2 = 0; t2 < c[2]; ++t2, ++m) {
-        s.idx[m] = static_cast<int32_t>(base + t2);
-        s.bidx[m] = static_cast<int32_t>(bbase + s.bax[2][t2]);
-      }
-    }
-  return m;
-}
-
 template <typename T, typename A>
 void dkv_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
   Scratch<A>& s = thread_scratch<A>();
   const int64_t ntiles = g.num_tiles(), group = g.group_size();
   const int64_t tile = unit % ntiles, kvh = (unit / ntiles) % g.kv_heads;
   const int64_t b = unit / ntiles / g.kv_heads;
-  const int64_t dp = pad_lanes(g.head_dim), dvp = pad_lanes(g.value_dim);
+  const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
+  const A scale = static_cast<A>(g.scale);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
   Range kr[kAxes], qh[kAxes];
   g.tile_ranges(tile, kr);
   for (int a = 0; a < kAxes; ++a) qh[a] = g.query_halo(a, kr[a]);
   const int64_t tvol = box_volume(kr), qvol = box_volume(qh);
-  const int64_t imax = g.axis[0].max_inverse * g.axis[1].max_inverse * g.axis[2].max_inverse;
-  s.k.resize(tvol * dp);
-  s.v.resize(tvol * dvp);
-  s.dk.assign(tvol * dp, A(0));
-  s.dv.assign(tvol * dvp, A(0));
-  pack_rows(g, args.k, b, kvh, g.kv_heads, g.head_dim, kr, A(1), s.k.data(), dp);
-  pack_rows(g, args.v, b, kvh, g.kv_heads, g.value_dim, kr, A(1), s.v.data(), dvp);
-  s.idx.resize(std::max<int64_t>(imax, 1));
-  s.bidx.resize(std::max<int64_t>(imax, 1));
+  const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kr, dl, s.k);
+  const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kr, dvl, s.v);
+  s.dk.assign(tvol * dl, A(0));
+  s.dv.assign(tvol * dvl, A(0));
+  const int64_t cap = chunk_capacity(g);
+  for (auto* buf : {&s.logit, &s.p, &s.dp, &s.glse, &s.gdelta}) buf->resize(cap);
+  s.gbias.resize(cap + kLanes);
+  s.rowq.resize(dl);
   for (int a = 0; a < kAxes; ++a) s.bax[a].resize(std::max<int64_t>(g.axis[a].max_inverse, 1));
-  s.logit.resize(kChunk);
-  s.p.resize(kChunk);
-  s.dp.resize(kChunk);
-  s.sub.resize(kChunk);
-  const A scale = static_cast<A>(g.scale);
+  box_positions(g, kr, s.order);
   for (int64_t hh = 0; hh < group && qvol > 0; ++hh) {
     const int64_t h = kvh * group + hh;
-    const A* rpb_h = args.rpb + h * g.rpb_volume;
-    s.q.resize(qvol * dp);
-    s.dout.resize(qvol * dvp);
-    s.lse.resize(qvol);
-    s.delta.resize(qvol);
-    pack_rows(g, args.q, b, h, g.heads, g.head_dim, qh, scale, s.q.data(), dp);
-    pack_rows(g, args.d_out, b, h, g.heads, g.value_dim, qh, A(1), s.dout.data(), dvp);
-    pack_values(g, args.lse, b, h, qh, s.lse.data());
-    pack_values(g, static_cast<const A*>(args.delta), b, h, qh, s.delta.data());
-    int64_t j[kAxes], key = 0;
-    for (int64_t y0 = 0; y0 < kr[0].count; ++y0) {
-      j[0] = kr[0].start + g.axis[0].dilation * y0;
-      for (int64_t y1 = 0; y1 < kr[1].count; ++y1) {
-        j[1] = kr[1].start + g.axis[1].dilation * y1;
-        for (int64_t y2 = 0; y2 < kr[2].count; ++y2, ++key) {
-          j[2] = kr[2].start + g.axis[2].dilation * y2;
-          const int64_t vol = inverse_lists(g, j, qh, s);
-          const A* krow = s.k.data() + key * dp;
-          const A* vrow = s.v.data() + key * dvp;
-          A* dkrow = s.dk.data() + key * dp;
-          A* dvrow = s.dv.data() + key * dvp;
-          for (int64_t i0 = 0; i0 < vol; i0 += kChunk) {
-            const int64_t n = std::min(kChunk, vol - i0);
-            const int32_t* idx = s.idx.data() + i0;
-            dot_rows(krow, s.q.data(), dp, idx, n, s.logit.data());
-            if (g.has_rpb) add_bias(s.logit.data(), rpb_h, s.bidx.data() + i0, n);
-            for (int64_t t = 0; t < n; ++t) s.sub[t] = s.lse[idx[t]];
-            exp_sub(s.logit.data(), s.sub.data(), 1, s.p.data(), n);
-            dot_rows(vrow, s.dout.data(), dvp, idx, n, s.dp.data());
-            for (int64_t t = 0; t < n; ++t) s.dp[t] = s.p[t] * (s.dp[t] - s.delta[idx[t]]);
-            axpy_rows(dkrow, s.dp.data(), s.q.data(), dp, idx, n);   // q packed pre-scaled
-            axpy_rows(dvrow, s.p.data(), s.dout.data(), dvp, idx, n);
+    const View<A> Q = box_view(g, args.q, b, h, g.heads, g.head_dim, qh, dl, s.q);
+    const View<A> DO = box_view(g, args.d_out, b, h, g.heads, g.value_dim, qh, dvl, s.dout);
+    const View<A> LSE = scalar_view(g, args.lse, b, h, qh);
+    const View<A> DELTA = scalar_view(g, static_cast<const A*>(args.delta), b, h, qh);
+    const A* bias = padded_bias(g, args.rpb, h, s.bias);
+    for (const Position& pos : s.order) {
+      {
+        {
+          const int64_t* j = pos.p;
+          const int64_t key = pos.box_index;
+          const int64_t y0 = (j[0] - kr[0].start) / g.axis[0].dilation;
+          const int64_t y1 = (j[1] - kr[1].start) / g.axis[1].dilation;
+          const int64_t y2 = (j[2] - kr[2].start) / g.axis[2].dilation;
+          // The key's inverse neighborhood: a box of queries, rows of c[2] along the inner
+          // axis; bax[a][t] = the key's bias index (along a) in the window of query t.
+          int64_t o[kAxes], c[kAxes];
+          bool empty = false;
+          for (int a = 0; a < kAxes; ++a) {
+            const AxisTables& ax = g.axis[a];
+            c[a] = ax.inv_count[j[a]];
+            empty |= c[a] == 0;
+            if (empty) break;
+            const int64_t first = ax.inv_start[j[a]];
+            o[a] = (first - qh[a].start) / ax.dilation;
+            for (int64_t t = 0; t < c[a]; ++t) {
+              const int64_t i = first + ax.dilation * t;
+              s.bax[a][t] = g.has_rpb ? static_cast<int32_t>(
+                                            ax.rpb_start[i] + (j[a] - ax.win_start[i]) / ax.dilation)
+                                      : 0;
+            }
+          }
+          if (empty) continue;
+          const A* krow = K.at(y0, y1, y2);
+          for (int64_t cc = 0; cc < dl; ++cc) s.rowq[cc] = krow[cc] * scale;
+          const A* vrow = V.at(y0, y1, y2);
+          A* dkrow = s.dk.data() + key * dl;
+          A* dvrow = s.dv.data() + key * dvl;
+          const int64_t rows = c[0] * c[1], width = pad_lanes(c[2]);
+          const int64_t per_chunk = std::max<int64_t>(1, cap / width);
+          for (int64_t r0 = 0; r0 < rows; r0 += per_chunk) {
+            const int64_t nr = std::min(per_chunk, rows - r0);
+            for (int64_t rr = 0; rr < nr; ++rr) {
+              const int64_t t0 = (r0 + rr) / c[1], t1 = (r0 + rr) % c[1];
+              const int64_t x0 = o[0] + t0, x1 = o[1] + t1;
+              A* gb = s.gbias.data();
+              if (g.has_rpb) {
+                const int64_t base = (s.bax[0][t0] * g.axis[1].rpb_dim + s.bax[1][t1]) *
+                                     g.axis[2].rpb_dim;
+                for (int64_t t2 = 0; t2 < c[2]; ++t2) gb[t2] = bias[base + s.bax[2][t2]];
+              }
+              const A* lse_row = LSE.at(x0, x1, o[2]);
+              const A* delta_row = DELTA.at(x0, x1, o[2]);
+              A* gl = s.glse.data() + rr * width;
+              A* gd = s.gdelta.data() + rr * width;
+              for (int64_t t2 = 0; t2 < width; ++t2) {
+                gl[t2] = t2 < c[2] ? lse_row[t2 * LSE.s2] : A(0);
+                gd[t2] = t2 < c[2] ? delta_row[t2 * DELTA.s2] : A(0);
+              }
+              row_logits(s.rowq.data(), Q.at(x0, x1, o[2]), Q.s2, c[2], dl,
+                         g.has_rpb ? static_cast<const A*>(gb) : nullptr, neg_inf,
+                         s.logit.data() + rr * width);
+              row_logits(vrow, DO.at(x0, x1, o[2]), DO.s2, c[2], dvl,
+                         static_cast<const A*>(nullptr), A(0), s.dp.data() + rr * width);
+            }
+            const int64_t n = nr * width;
+            exp_sub(s.logit.data(), s.glse.data(), 1, s.p.data(), n);
+            A* ds = s.dp.data();
+            for (int64_t t = 0; t < n; ++t) ds[t] = s.p[t] * (ds[t] - s.gdelta[t]);
+            for (int64_t rr = 0; rr < nr; ++rr) {
+              const int64_t t0 = (r0 + rr) / c[1], t1 = (r0 + rr) % c[1];
+              row_axpy(dkrow, ds + rr * width, Q.at(o[0] + t0, o[1] + t1, o[2]), Q.s2, c[2], dl);
+              row_axpy(dvrow, s.p.data() + rr * width, DO.at(o[0] + t0, o[1] + t1, o[2]), DO.s2,
+                       c[2], dvl);
+            }
           }
         }
       }
     }
   }
-  // Store the tile's rows.
+  // Store the tile's rows (dk = scale * sum ds q).
   int64_t key = 0;
   for (int64_t y0 = 0; y0 < kr[0].count; ++y0) {
     const int64_t p0 = kr[0].start + g.axis[0].dilation * y0;
@@ -408,8 +540,8 @@ void dkv_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
         const int64_t row = (b * g.tokens + g.flat(p0, p1, p2)) * g.kv_heads + kvh;
         T* dk = args.dk + row * g.head_dim;
         T* dv = args.dv + row * g.value_dim;
-        for (int64_t c = 0; c < g.head_dim; ++c) dk[c] = from_float<T>(s.dk[key * dp + c]);
-        for (int64_t c = 0; c < g.value_dim; ++c) dv[c] = from_float<T>(s.dv[key * dvp + c]);
+        for (int64_t c = 0; c < g.head_dim; ++c) dk[c] = from_float<T>(s.dk[key * dl + c] * scale);
+        for (int64_t c = 0; c < g.value_dim; ++c) dv[c] = from_float<T>(s.dv[key * dvl + c]);
       }
     }
   }
