@@ -90,6 +90,7 @@ def test_gqa_and_value_dim(spatial, kernel, dilation, causal, heads, kv_heads, d
         ((7, 9), (7, 9), (1, 1), (False, False), (1, 3, 2)),  # window = whole map
         ((37,), (7,), (5,), (True,), (1, 1, 3)),
         ((5, 6, 7), (3, 5, 3), (1, 1, 2), (False, True, False), (2, 1, 3)),
+        ((9, 11), (3, 5), (1, 1), (True, False), (1, 9, 11)),  # one tile: one-pass backward
     ],
 )
 def test_any_tiling_matches_reference(spatial, kernel, dilation, causal, tile):
@@ -105,6 +106,21 @@ def test_any_tiling_matches_reference(spatial, kernel, dilation, causal, tile):
     got = _value_and_grads(lambda *a: ffi._na(geo, *a), q, k, v, rpb, d_out)
     for name, g, w in zip(_NAMES, got, want, strict=True):
         assert_close(g, w, 2e-5, 2e-5, f"{name} tile={tile}")
+
+
+def test_one_pass_backward_with_gqa():
+    """batch x kv_heads >= 16 selects the one-pass backward (dk/dv scattered per slice)."""
+    spatial, kernel, dilation, causal = (7, 9), (3, 5), (2, 1), (False, True)
+    rng = np.random.default_rng(3)
+    params = make_params(2, spatial, 8, kernel, dilation, causal, None)
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, d_out = f32(4, *spatial, 8, 8), f32(4, *spatial, 8, 16)
+    k, v = f32(4, *spatial, 4, 8), f32(4, *spatial, 4, 16)
+    rpb = f32(8, *params.rpb_shape_tail)
+    got = _value_and_grads(lambda *a: ffi.na_ffi(*a, params), q, k, v, rpb, d_out)
+    want = _value_and_grads(lambda *a: _dense(*a, params), q, k, v, rpb, d_out)
+    for name, g, w in zip(_NAMES, got, want, strict=True):
+        assert_close(g, w, 2e-5, 2e-5, name)
 
 
 def test_axis_tables_match_brute_force():

@@ -198,6 +198,8 @@ ffi::Error NaForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
 // Backward.
 // ------------------------------------------------------------------------------------------
 
+constexpr int64_t kFusedMinSlices = 16;
+
 // Tiles per dq unit: bounds the d_rpb partial buffers (B * H * units * R values) to ~16 MiB.
 int64_t tiles_per_dq_unit(const Geometry& g) {
   if (!g.has_rpb) return 1;
@@ -215,7 +217,11 @@ std::string run_backward(const Geometry& g, const Scheduler& sched, ffi::AnyBuff
                          ffi::Result<ffi::AnyBuffer>& dk, ffi::Result<ffi::AnyBuffer>& dv,
                          ffi::Result<ffi::AnyBuffer>& drpb) {
   using A = typename AccumOf<T>::type;
-  const int64_t tpu = tiles_per_dq_unit(g);
+  // One pass (ds once per pair, dk/dv scattered into the unit's own accumulators) when units of
+  // a whole (batch, kv head) slice still give enough parallelism; else dq and dk/dv passes over
+  // tiles. The choice depends on shapes only, so results are the same on every machine.
+  const bool fused = g.num_tiles() == 1 || g.batch * g.kv_heads >= kFusedMinSlices;
+  const int64_t tpu = fused ? g.num_tiles() : tiles_per_dq_unit(g);
   const int64_t per_bg = (g.num_tiles() + tpu - 1) / tpu;
   const int64_t dq_units = g.batch * g.kv_heads * per_bg;
   std::vector<A> delta(static_cast<size_t>(g.batch * g.tokens * g.heads));
@@ -226,11 +232,15 @@ std::string run_backward(const Geometry& g, const Scheduler& sched, ffi::AnyBuff
                      data<const A>(lse),   data<const A>(d_lse), data<T>(dq),
                      data<T>(dk),          data<T>(dv),        delta.data(),
                      partial.data(),       tpu};
-  std::string e =
-      parallel_for(sched, dq_units, [&](int64_t u) { dq_unit<T, A>(g, args, u); });
-  if (!e.empty()) return e;
-  const int64_t kv_units = g.batch * g.kv_heads * g.num_tiles();
-  e = parallel_for(sched, kv_units, [&](int64_t u) { dkv_unit<T, A>(g, args, u); });
+  std::string e;
+  if (fused) {
+    e = parallel_for(sched, dq_units, [&](int64_t u) { bwd_fused_unit<T, A>(g, args, u); });
+  } else {
+    e = parallel_for(sched, dq_units, [&](int64_t u) { dq_unit<T, A>(g, args, u); });
+    if (!e.empty()) return e;
+    const int64_t kv_units = g.batch * g.kv_heads * g.num_tiles();
+    e = parallel_for(sched, kv_units, [&](int64_t u) { dkv_unit<T, A>(g, args, u); });
+  }
   if (!e.empty()) return e;
   // d_rpb[b, h] = sum of the (b, h) partials in unit order (fixed: deterministic).
   A* dr = data<A>(drpb);

@@ -318,7 +318,7 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
           row_logits2(qa, qb, K.at(wa.o[0] + x0, wa.o[1] + x1, u0), K.s2, un, dl,
                       g.has_rpb ? bias + wa.bias_row(x0, x1) - off_a : nullptr,
                       g.has_rpb ? bias + wb.bias_row(x0, x1) - off_b : nullptr, off_a, wa.c[2],
-                      off_b, wb.c[2], la + rr * width, lb + rr * width);
+                      off_b, wb.c[2], neg_inf, la + rr * width, lb + rr * width);
         }
         sa.update(la, pa, nr * width, acc_a, dvl);
         sb.update(lb, pb, nr * width, acc_b, dvl);
@@ -544,6 +544,162 @@ void dkv_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
         for (int64_t c = 0; c < g.value_dim; ++c) dv[c] = from_float<T>(s.dv[key * dvl + c]);
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward in one pass, when one unit owns a whole (batch, kv head) slice: ds is computed once
+// per pair and dk/dv are scattered into the unit's own float32 accumulators (no other unit
+// touches them: still no atomics, and a fixed order). About 30% less work than dq + dk/dv.
+// ---------------------------------------------------------------------------------------------
+
+template <typename T, typename A>
+void bwd_fused_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
+  Scratch<A>& s = thread_scratch<A>();
+  const int64_t ntiles = g.num_tiles(), group = g.group_size();
+  const int64_t kvh = unit % g.kv_heads, b = unit / g.kv_heads;
+  const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
+  const A scale = static_cast<A>(g.scale);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  A* partial = g.has_rpb ? args.drpb_partial + unit * group * g.rpb_volume : nullptr;
+  if (partial) std::fill(partial, partial + group * g.rpb_volume, A(0));
+  const int64_t cap = chunk_capacity(g);
+  for (auto* buf : {&s.logit, &s.p, &s.dp}) buf->resize(2 * cap);
+  s.rowq.resize(2 * dl);
+  s.rowdo.resize(2 * dvl);
+  s.acc.resize(2 * dl);
+  s.dk.assign(g.tokens * dl, A(0));
+  s.dv.assign(g.tokens * dvl, A(0));
+  A *const qa = s.rowq.data(), *const qb = qa + dl;
+  A *const da = s.rowdo.data(), *const db = da + dvl;
+  A *const ga = s.acc.data(), *const gb = ga + dl;  // dq accumulators
+  A *const la = s.logit.data(), *const lb = la + cap;
+  A *const pa = s.p.data(), *const pb = pa + cap;
+  A *const sa = s.dp.data(), *const sb = sa + cap;  // dp, then ds
+  const int64_t L1 = g.axis[1].length, L2 = g.axis[2].length;
+  for (int64_t tile = 0; tile < ntiles; ++tile) {
+    Range qr[kAxes], kh[kAxes];
+    g.tile_ranges(tile, qr);
+    for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
+    const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k);
+    const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v);
+    // The accumulators, seen through the halo's coordinates (rows `dl` apart per position).
+    const int64_t origin = g.flat(kh[0].start, kh[1].start, kh[2].start);
+    View<A> DK, DV;
+    DK.base = s.dk.data() + origin * dl;
+    DK.s2 = g.axis[2].dilation * dl;
+    DK.s1 = g.axis[1].dilation * L2 * dl;
+    DK.s0 = g.axis[0].dilation * L1 * L2 * dl;
+    DV.base = s.dv.data() + origin * dvl;
+    DV.s2 = g.axis[2].dilation * dvl;
+    DV.s1 = g.axis[1].dilation * L2 * dvl;
+    DV.s0 = g.axis[0].dilation * L1 * L2 * dvl;
+    box_positions(g, qr, s.order);
+    const std::vector<Position>& order = s.order;
+    for (int64_t hh = 0; hh < group; ++hh) {
+      const int64_t h = kvh * group + hh;
+      const A* bias = padded_bias(g, args.rpb, h, s.bias);
+      A* part_h = partial ? partial + hh * g.rpb_volume : nullptr;
+      auto row_of = [&](size_t t) {
+        const int64_t* i = order[t].p;
+        return (b * g.tokens + g.flat(i[0], i[1], i[2])) * g.heads + h;
+      };
+      // Loads query t's scaled q and dO rows; returns delta = sum(dO * O) - d_lse.
+      auto load_query = [&](int64_t row, A* q, A* d) {
+        load_row(args.q + row * g.head_dim, g.head_dim, scale, q, dl);
+        load_row(args.d_out + row * g.value_dim, g.value_dim, A(1), d, dvl);
+        const T* os = args.out + row * g.value_dim;
+        A delta = 0;
+        for (int64_t c = 0; c < g.value_dim; ++c) delta += d[c] * static_cast<A>(to_float(os[c]));
+        return delta - args.d_lse[row];
+      };
+      for (size_t t = 0; t < order.size();) {
+        const Window wa(g, order[t].p, kh);
+        int64_t u0 = 0, un = 0;
+        const bool pair = t + 1 < order.size() && [&] {
+          const Window wb(g, order[t + 1].p, kh);
+          return can_pair(wa, wb, &u0, &un);
+        }();
+        const Window wb = pair ? Window(g, order[t + 1].p, kh) : wa;
+        if (!pair) {
+          u0 = wa.o[2];
+          un = wa.c[2];
+        }
+        const int64_t row_a = row_of(t), row_b = pair ? row_of(t + 1) : row_a;
+        const A delta_a = load_query(row_a, qa, da);
+        const A delta_b = pair ? load_query(row_b, qb, db) : A(0);
+        const A lse_a = args.lse[row_a], lse_b = args.lse[row_b];
+        std::fill(ga, ga + 2 * dl, A(0));
+        const int64_t off_a = wa.o[2] - u0, off_b = wb.o[2] - u0;
+        const int64_t width = pad_lanes(un), per_chunk = std::max<int64_t>(1, cap / width);
+        for (int64_t r0 = 0; r0 < wa.rows(); r0 += per_chunk) {
+          const int64_t nr = std::min(per_chunk, wa.rows() - r0);
+          for (int64_t rr = 0; rr < nr; ++rr) {
+            const int64_t x0 = (r0 + rr) / wa.c[1], x1 = (r0 + rr) % wa.c[1];
+            const A* kp = K.at(wa.o[0] + x0, wa.o[1] + x1, u0);
+            const A* vp = V.at(wa.o[0] + x0, wa.o[1] + x1, u0);
+            const A* ba = g.has_rpb ? bias + wa.bias_row(x0, x1) - off_a : nullptr;
+            if (pair) {
+              row_logits2(qa, qb, kp, K.s2, un, dl, ba,
+                          g.has_rpb ? bias + wb.bias_row(x0, x1) - off_b : nullptr, off_a,
+                          wa.c[2], off_b, wb.c[2], neg_inf, la + rr * width, lb + rr * width);
+              row_logits2(da, db, vp, V.s2, un, dvl, static_cast<const A*>(nullptr),
+                          static_cast<const A*>(nullptr), off_a, wa.c[2], off_b, wb.c[2], A(0),
+                          sa + rr * width, sb + rr * width);
+            } else {
+              row_logits(qa, kp, K.s2, un, dl, ba, neg_inf, la + rr * width);
+              row_logits(da, vp, V.s2, un, dvl, static_cast<const A*>(nullptr), A(0),
+                         sa + rr * width);
+            }
+          }
+          const int64_t n = nr * width;
+          exp_sub(la, &lse_a, 0, pa, n);
+          for (int64_t j = 0; j < n; ++j) sa[j] = pa[j] * (sa[j] - delta_a);  // ds
+          if (pair) {
+            exp_sub(lb, &lse_b, 0, pb, n);
+            for (int64_t j = 0; j < n; ++j) sb[j] = pb[j] * (sb[j] - delta_b);
+          }
+          for (int64_t rr = 0; rr < nr; ++rr) {
+            const int64_t x0 = (r0 + rr) / wa.c[1], x1 = (r0 + rr) % wa.c[1];
+            const int64_t hx0 = wa.o[0] + x0, hx1 = wa.o[1] + x1, o = rr * width;
+            const A* kp = K.at(hx0, hx1, u0);
+            A* dkp = const_cast<A*>(DK.at(hx0, hx1, u0));
+            A* dvp = const_cast<A*>(DV.at(hx0, hx1, u0));
+            if (pair) {
+              row_axpy2(ga, gb, sa + o, sb + o, kp, K.s2, un, dl);
+              row_scatter2(dkp, DK.s2, un, dl, sa + o, qa, sb + o, qb);
+              row_scatter2(dvp, DV.s2, un, dvl, pa + o, da, pb + o, db);
+            } else {
+              row_axpy(ga, sa + o, kp, K.s2, un, dl);
+              row_scatter(dkp, DK.s2, un, dl, sa + o, qa);
+              row_scatter(dvp, DV.s2, un, dvl, pa + o, da);
+            }
+            if (part_h) {
+              A* dst = part_h + wa.bias_row(x0, x1);
+              for (int64_t x2 = 0; x2 < wa.c[2]; ++x2) dst[x2] += sa[o + off_a + x2];
+              if (pair) {
+                A* dst_b = part_h + wb.bias_row(x0, x1);
+                for (int64_t x2 = 0; x2 < wb.c[2]; ++x2) dst_b[x2] += sb[o + off_b + x2];
+              }
+            }
+          }
+        }
+        T* dq = args.dq + row_a * g.head_dim;
+        for (int64_t c = 0; c < g.head_dim; ++c) dq[c] = from_float<T>(ga[c] * scale);
+        if (pair) {
+          T* dq_b = args.dq + row_b * g.head_dim;
+          for (int64_t c = 0; c < g.head_dim; ++c) dq_b[c] = from_float<T>(gb[c] * scale);
+        }
+        t += pair ? 2 : 1;
+      }
+    }
+  }
+  for (int64_t n = 0; n < g.tokens; ++n) {
+    const int64_t row = (b * g.tokens + n) * g.kv_heads + kvh;
+    T* dk = args.dk + row * g.head_dim;
+    T* dv = args.dv + row * g.value_dim;
+    for (int64_t c = 0; c < g.head_dim; ++c) dk[c] = from_float<T>(s.dk[n * dl + c]);
+    for (int64_t c = 0; c < g.value_dim; ++c) dv[c] = from_float<T>(s.dv[n * dvl + c]);
   }
 }
 

@@ -76,13 +76,32 @@ inline A exp_sub(const A* s, const A* sub, int64_t sub_step, A* p, int64_t n) {
 template <typename A>
 inline void row_logits2(const A* xa, const A* xb, const A* p, int64_t stride, int64_t n,
                         int64_t len, const A* bias_a, const A* bias_b, int64_t a_off,
-                        int64_t a_cnt, int64_t b_off, int64_t b_cnt, A* out_a, A* out_b) {
-  const A neg_inf = -std::numeric_limits<A>::infinity();
-  row_logits(xa, p, stride, n, len, bias_a, neg_inf, out_a);
-  row_logits(xb, p, stride, n, len, bias_b, neg_inf, out_b);
+                        int64_t a_cnt, int64_t b_off, int64_t b_cnt, A fill, A* out_a,
+                        A* out_b) {
+  row_logits(xa, p, stride, n, len, bias_a, fill, out_a);
+  row_logits(xb, p, stride, n, len, bias_b, fill, out_b);
   for (int64_t j = 0; j < pad_lanes(n); ++j) {
-    if (j < a_off || j >= a_off + a_cnt) out_a[j] = neg_inf;
-    if (j < b_off || j >= b_off + b_cnt) out_b[j] = neg_inf;
+    if (j < a_off || j >= a_off + a_cnt) out_a[j] = fill;
+    if (j < b_off || j >= b_off + b_cnt) out_b[j] = fill;
+  }
+}
+
+// dst[j*stride : +len] += c[j] * x for j < n (the transpose of row_axpy).
+template <typename A>
+inline void row_scatter(A* dst, int64_t stride, int64_t n, int64_t len, const A* c, const A* x) {
+  for (int64_t j = 0; j < n; ++j) {
+    A* r = dst + j * stride;
+    for (int64_t k = 0; k < len; ++k) r[k] += c[j] * x[k];
+  }
+}
+
+// dst[j*stride : +len] += ca[j] * xa + cb[j] * xb for j < n (each row loaded/stored once).
+template <typename A>
+inline void row_scatter2(A* dst, int64_t stride, int64_t n, int64_t len, const A* ca,
+                         const A* xa, const A* cb, const A* xb) {
+  for (int64_t j = 0; j < n; ++j) {
+    A* r = dst + j * stride;
+    for (int64_t k = 0; k < len; ++k) r[k] += ca[j] * xa[k] + cb[j] * xb[k];
   }
 }
 
@@ -249,8 +268,8 @@ template <>
 inline void row_logits2<float>(const float* xa, const float* xb, const float* p, int64_t stride,
                                int64_t n, int64_t len, const float* bias_a, const float* bias_b,
                                int64_t a_off, int64_t a_cnt, int64_t b_off, int64_t b_cnt,
-                               float* out_a, float* out_b) {
-  const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+                               float fill, float* out_a, float* out_b) {
+  const __m256 filler = _mm256_set1_ps(fill);
   for (int64_t j0 = 0; j0 < n; j0 += 8) {
     __m128 half_a[2], half_b[2];
     for (int h = 0; h < 2; ++h) {  // 4 keys x 2 queries: 8 accumulators, keys loaded once
@@ -276,8 +295,8 @@ inline void row_logits2<float>(const float* xa, const float* xb, const float* p,
     __m256 sb = _mm256_insertf128_ps(_mm256_castps128_ps256(half_b[0]), half_b[1], 1);
     if (bias_a) sa = _mm256_add_ps(sa, _mm256_loadu_ps(bias_a + j0));
     if (bias_b) sb = _mm256_add_ps(sb, _mm256_loadu_ps(bias_b + j0));
-    _mm256_storeu_ps(out_a + j0, _mm256_blendv_ps(neg_inf, sa, window_mask(j0, a_off, a_cnt)));
-    _mm256_storeu_ps(out_b + j0, _mm256_blendv_ps(neg_inf, sb, window_mask(j0, b_off, b_cnt)));
+    _mm256_storeu_ps(out_a + j0, _mm256_blendv_ps(filler, sa, window_mask(j0, a_off, a_cnt)));
+    _mm256_storeu_ps(out_b + j0, _mm256_blendv_ps(filler, sb, window_mask(j0, b_off, b_cnt)));
   }
 }
 
@@ -315,6 +334,47 @@ inline void row_axpy2<float>(float* acc_a, float* acc_b, const float* ca, const 
     }
     _mm256_storeu_ps(acc_a + c0, a);
     _mm256_storeu_ps(acc_b + c0, b);
+  }
+}
+
+template <>
+inline void row_scatter<float>(float* dst, int64_t stride, int64_t n, int64_t len,
+                               const float* c, const float* x) {
+  for (int64_t j = 0; j < n; ++j) {
+    float* r = dst + j * stride;
+    const __m256 w = _mm256_broadcast_ss(c + j);
+    for (int64_t k = 0; k < len; k += 8)
+      _mm256_storeu_ps(r + k, _mm256_fmadd_ps(w, _mm256_loadu_ps(x + k), _mm256_loadu_ps(r + k)));
+  }
+}
+
+template <>
+inline void row_scatter2<float>(float* dst, int64_t stride, int64_t n, int64_t len,
+                                const float* ca, const float* xa, const float* cb,
+                                const float* xb) {
+  if (len == 32) {  // the common head_dim: both query rows stay in registers
+    __m256 a[4], b[4];
+    for (int i = 0; i < 4; ++i) {
+      a[i] = _mm256_loadu_ps(xa + 8 * i);
+      b[i] = _mm256_loadu_ps(xb + 8 * i);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      float* r = dst + j * stride;
+      const __m256 wa = _mm256_broadcast_ss(ca + j), wb = _mm256_broadcast_ss(cb + j);
+      for (int i = 0; i < 4; ++i) {
+        const __m256 t = _mm256_fmadd_ps(wa, a[i], _mm256_loadu_ps(r + 8 * i));
+        _mm256_storeu_ps(r + 8 * i, _mm256_fmadd_ps(wb, b[i], t));
+      }
+    }
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    float* r = dst + j * stride;
+    const __m256 wa = _mm256_broadcast_ss(ca + j), wb = _mm256_broadcast_ss(cb + j);
+    for (int64_t k = 0; k < len; k += 8) {
+      const __m256 t = _mm256_fmadd_ps(wa, _mm256_loadu_ps(xa + k), _mm256_loadu_ps(r + k));
+      _mm256_storeu_ps(r + k, _mm256_fmadd_ps(wb, _mm256_loadu_ps(xb + k), t));
+    }
   }
 }
 
