@@ -124,9 +124,19 @@ std::string make_geometry(const ffi::AnyBuffer& q, const ffi::AnyBuffer& k,
   return {};
 }
 
-Scheduler make_scheduler(ffi::ThreadPool& pool) {
+// Calls smaller than this (multiply-adds over all neighborhoods, ~0.1 ms on one core) run on the
+// calling thread: waking a pool thread would cost more than it saves.
+constexpr double kInlineWork = double(1 << 20);
+
+double call_work(const Geometry& g) {
+  double window = 1;
+  for (int a = 0; a < kAxes; ++a) window *= double(g.axis[a].max_window);
+  return double(g.batch) * g.heads * g.tokens * window * double(g.head_dim + g.value_dim);
+}
+
+Scheduler make_scheduler(ffi::ThreadPool& pool, const Geometry& g) {
   Scheduler s;
-  s.num_threads = std::max<int64_t>(1, pool.num_threads());
+  s.num_threads = call_work(g) < kInlineWork ? 1 : std::max<int64_t>(1, pool.num_threads());
   s.schedule = [&pool](std::function<void()> task) { pool.Schedule(std::move(task)); };
   return s;
 }
@@ -183,7 +193,7 @@ ffi::Error NaForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   if (e.empty()) e = check_dims("out", *out, {g.batch, g.tokens, g.heads, g.value_dim});
   if (e.empty()) e = check_dims("lse", *lse, {g.batch, g.tokens, g.heads});
   if (!e.empty()) return ffi::Error::InvalidArgument("natjax_na_fwd: " + e);
-  const Scheduler sched = make_scheduler(pool);
+  const Scheduler sched = make_scheduler(pool, g);
   switch (dt) {
     case ffi::DataType::F16: e = run_forward<f16_t>(g, sched, q, k, v, rpb, out, lse); break;
     case ffi::DataType::BF16: e = run_forward<bf16_t>(g, sched, q, k, v, rpb, out, lse); break;
@@ -300,7 +310,7 @@ ffi::Error NaBackward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, 
   if (e.empty()) e = check_dims("dv", *dv, {g.batch, g.tokens, g.kv_heads, g.value_dim});
   if (e.empty()) e = check_dims("drpb", *drpb, {g.batch, g.heads, g.rpb_volume, 1});
   if (!e.empty()) return ffi::Error::InvalidArgument("natjax_na_bwd: " + e);
-  const Scheduler sched = make_scheduler(pool);
+  const Scheduler sched = make_scheduler(pool, g);
 #define NATJAX_BWD(T) \
   run_backward<T>(g, sched, q, k, v, rpb, out, d_out, lse, d_lse, dq, dk, dv, drpb)
   switch (dt) {
