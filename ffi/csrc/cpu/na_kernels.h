@@ -82,6 +82,15 @@ Scratch<A>& thread_scratch() {
   return s;
 }
 
+// Scratch lives on in XLA's pool threads between calls; give back buffers that one large call
+// grew beyond what small calls need.
+template <typename A>
+void trim_scratch(Scratch<A>& s) {
+  constexpr size_t kKeep = size_t{8} << 20;  // bytes
+  for (auto* buf : {&s.k, &s.v, &s.q, &s.dout, &s.dk, &s.dv})
+    if (buf->capacity() * sizeof(A) > kKeep) std::vector<A>().swap(*buf);
+}
+
 inline int64_t box_volume(const Range r[kAxes]) { return r[0].count * r[1].count * r[2].count; }
 
 // The rows ([B, N, nheads, dim] layout) of `box`, packed into `pack` (converted, zero-padded
@@ -333,6 +342,7 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
       t += 2;
     }
   }
+  trim_scratch(s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -419,6 +429,7 @@ void dq_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
       }
     }
   }
+  trim_scratch(s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -545,6 +556,7 @@ void dkv_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
       }
     }
   }
+  trim_scratch(s);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -701,6 +713,7 @@ void bwd_fused_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) 
     for (int64_t c = 0; c < g.head_dim; ++c) dk[c] = from_float<T>(s.dk[n * dl + c]);
     for (int64_t c = 0; c < g.value_dim; ++c) dv[c] = from_float<T>(s.dv[n * dvl + c]);
   }
+  trim_scratch(s);
 }
 
 }  // namespace natjax
