@@ -5,10 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-$(STAMP): pyproject.toml
+FFI_SOURCES := ffi/pyproject.toml ffi/CMakeLists.txt $(wildcard ffi/csrc/*/*.h ffi/csrc/*/*.cc ffi/src/natjax_ffi/*.py)
+
+# natjax-ffi (the optional native kernels, ffi/) is compiled against the venv's jaxlib headers:
+# no build isolation, so scikit-build-core is installed first.
+$(STAMP): pyproject.toml $(FFI_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q 'scikit-build-core>=0.10'
+	$(PY) -m pip install -q --no-build-isolation ./ffi
 	touch $(STAMP)
 
 .PHONY: install demo test lint bench

@@ -27,6 +27,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("natjax.ops.na.reference", "na_reference"),
     "xla": ("natjax.ops.na.xla", "na_xla"),
     "pallas": ("natjax.ops.na.pallas_triton", "na_pallas"),
+    "ffi": ("natjax.ops.na.ffi", "na_ffi"),
 }
 IMPLEMENTATIONS = tuple(_BACKENDS)
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)

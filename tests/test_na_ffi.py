@@ -1,0 +1,230 @@
+"""The native FFI backend (`natjax-ffi`): the shared backend test base, plus its own contract.
+
+Covers what the shared base cannot reach through the public API: grouped-query attention and a
+value head_dim different from the query's (native in the kernel), tilings that cut the map at
+every kind of boundary, the window-table derivation, the handlers' own validation of what
+reaches them (an FFI error, never a crash), determinism, and the error when natjax-ffi is absent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from na_base import NABackendTests, assert_close
+
+import natjax
+from natjax.ops.na import ffi
+from natjax.ops.na.reference import dense_mask_and_bias_index
+from natjax.ops.na.spec import axis_windows, make_params
+
+pytestmark = pytest.mark.skipif(
+    not ffi.available(), reason="natjax-ffi is not installed (`make install` builds it)"
+)
+
+
+class TestFFI(NABackendTests):
+    implementation = "ffi"
+    # Half the default random sweep keeps this file within its CI budget; the tiling, GQA and
+    # one-pass tests below add targeted cases.
+    property_seeds = tuple(range(12))
+    dtype_seeds = (3,)
+
+
+def _dense(q, k, v, rpb, params):
+    """Dense masked attention with GQA (kv head = h // (H // G)) and any value dim."""
+    b, *spatial, h, d = q.shape
+    n, g = int(np.prod(spatial)), k.shape[-2]
+    mask, index = dense_mask_and_bias_index(tuple(spatial), params)
+    rep = lambda x: jnp.repeat(x.reshape(b, n, g, x.shape[-1]), h // g, axis=2)  # noqa: E731
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q.reshape(b, n, h, d) * params.scale, rep(k))
+    if rpb is not None:
+        logits = logits + rpb.reshape(h, -1)[:, index][None]
+    logits = jnp.where(mask[None, None], logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    out = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(logits - lse[..., None]), rep(v))
+    return out.reshape(b, *spatial, h, v.shape[-1]), jnp.moveaxis(lse, 1, -1).reshape(q.shape[:-1])
+
+
+def _value_and_grads(fn, q, k, v, rpb, d_out):
+    def loss(q, k, v, rpb):
+        out, lse = fn(q, k, v, rpb)
+        return jnp.sum(out * d_out) + jnp.sum(jnp.sin(lse)), (out, lse)
+
+    argnums = (0, 1, 2, 3) if rpb is not None else (0, 1, 2)
+    (_, (out, lse)), grads = jax.jit(jax.value_and_grad(loss, argnums, has_aux=True))(q, k, v, rpb)
+    return (out, lse, *grads)
+
+
+_NAMES = ("out", "lse", "dq", "dk", "dv", "drpb")
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,causal,heads,kv_heads,dim,value_dim",
+    [
+        ((9, 10), (3, 5), (2, 1), (False, True), 4, 2, 8, 12),  # GQA, Dv > D
+        ((17,), (5,), (3,), (False,), 6, 1, 12, 4),  # MQA, Dv < D
+        ((5, 6, 7), (3, 3, 5), (1, 2, 1), (True, False, False), 3, 3, 5, 9),  # Dv != D only
+    ],
+)
+def test_gqa_and_value_dim(spatial, kernel, dilation, causal, heads, kv_heads, dim, value_dim):
+    rng = np.random.default_rng(len(spatial) + heads)
+    params = make_params(len(spatial), spatial, dim, kernel, dilation, causal, None)
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, d_out = f32(2, *spatial, heads, dim), f32(2, *spatial, heads, value_dim)
+    k, v = f32(2, *spatial, kv_heads, dim), f32(2, *spatial, kv_heads, value_dim)
+    rpb = f32(heads, *params.rpb_shape_tail)
+    got = _value_and_grads(lambda *a: ffi.na_ffi(*a, params), q, k, v, rpb, d_out)
+    want = _value_and_grads(lambda *a: _dense(*a, params), q, k, v, rpb, d_out)
+    assert got[0].shape == (2, *spatial, heads, value_dim)
+    for name, g, w in zip(_NAMES, got, want, strict=True):
+        assert_close(g, w, 2e-5, 2e-5, name)
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,causal,tile",
+    [
+        ((11, 13), (3, 5), (1, 1), (False, False), (1, 1, 4)),  # tiles cut both axes
+        ((13, 10), (5, 3), (2, 3), (False, True), (1, 2, 1)),  # unequal dilation groups
+        ((7, 9), (7, 9), (1, 1), (False, False), (1, 3, 2)),  # window = whole map
+        ((37,), (7,), (5,), (True,), (1, 1, 3)),
+        ((5, 6, 7), (3, 5, 3), (1, 1, 2), (False, True, False), (2, 1, 3)),
+        ((9, 11), (3, 5), (1, 1), (True, False), (1, 9, 11)),  # one tile: one-pass backward
+    ],
+)
+def test_any_tiling_matches_reference(spatial, kernel, dilation, causal, tile):
+    """Results do not depend on the tiling (tiles smaller than windows, ragged last tiles)."""
+    rng = np.random.default_rng(sum(spatial))
+    shape = (1, *spatial, 2, 8)
+    q, k, v, d_out = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for _ in range(4))
+    params = make_params(len(spatial), spatial, 8, kernel, dilation, causal, None)
+    rpb = jnp.asarray(rng.standard_normal((2, *params.rpb_shape_tail)), jnp.float32)
+    geo = ffi.make_geometry(q.shape, k.shape, v.shape, q.dtype, params, True)
+    geo = dataclasses.replace(geo, tile=tile)
+    want = _value_and_grads(lambda *a: _dense(*a, params), q, k, v, rpb, d_out)
+    got = _value_and_grads(lambda *a: ffi._na(geo, *a), q, k, v, rpb, d_out)
+    for name, g, w in zip(_NAMES, got, want, strict=True):
+        assert_close(g, w, 2e-5, 2e-5, f"{name} tile={tile}")
+
+
+def test_one_pass_backward_with_gqa():
+    """batch x kv_heads >= 16 selects the one-pass backward (dk/dv scattered per slice)."""
+    spatial, kernel, dilation, causal = (7, 9), (3, 5), (2, 1), (False, True)
+    rng = np.random.default_rng(3)
+    params = make_params(2, spatial, 8, kernel, dilation, causal, None)
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, d_out = f32(4, *spatial, 8, 8), f32(4, *spatial, 8, 16)
+    k, v = f32(4, *spatial, 4, 8), f32(4, *spatial, 4, 16)
+    rpb = f32(8, *params.rpb_shape_tail)
+    got = _value_and_grads(lambda *a: ffi.na_ffi(*a, params), q, k, v, rpb, d_out)
+    want = _value_and_grads(lambda *a: _dense(*a, params), q, k, v, rpb, d_out)
+    for name, g, w in zip(_NAMES, got, want, strict=True):
+        assert_close(g, w, 2e-5, 2e-5, name)
+
+
+def test_axis_tables_match_brute_force():
+    for length, kernel, dilation, causal in [(13, 5, 2, False), (10, 3, 3, True), (7, 7, 1, False)]:
+        win = axis_windows(length, kernel, dilation, causal)
+        t = ffi._axis_tables(win.key, win.valid, win.rpb_index, dilation)
+        for i in range(length):
+            keys = t.win_start[i] + dilation * np.arange(t.win_count[i])
+            assert set(keys) == set(win.key[i][win.valid[i]])
+            bias = dict(zip(win.key[i][win.valid[i]], win.rpb_index[i][win.valid[i]], strict=True))
+            assert [bias[j] for j in keys] == list(t.rpb_start[i] + np.arange(t.win_count[i]))
+        for j in range(length):
+            queries = t.inv_start[j] + dilation * np.arange(t.inv_count[j])
+            want = [i for i in range(length) if j in set(win.key[i][win.valid[i]])]
+            assert list(queries) == want
+
+
+def test_axis_tables_reject_rules_they_cannot_express():
+    key = np.array([[0, 2], [0, 1]])
+    valid = np.ones_like(key, bool)
+    with pytest.raises(ffi._NotRunLike, match="evenly spaced"):
+        ffi._axis_tables(key, valid, np.array([[0, 1], [0, 1]]), 1)
+    with pytest.raises(ffi._NotRunLike, match="bias"):
+        ffi._axis_tables(np.array([[0, 1], [0, 1]]), valid, np.array([[0, 2], [0, 1]]), 1)
+
+
+def _raw_forward(geo, q, rpb, **overrides):
+    attrs = dict(ffi._attributes(geo, False), **overrides)
+    out_types = (
+        jax.ShapeDtypeStruct(q.shape, q.dtype),
+        jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32),
+    )
+    return jax.ffi.ffi_call("natjax_na_fwd", out_types)(q, q, q, rpb, **attrs)
+
+
+def test_handlers_reject_bad_buffers_and_tables():
+    """What reaches the C++ side is checked there too: an FFI error, never a crash."""
+    params = make_params(2, (6, 5), 4, 3, 1, False, None)
+    q = jnp.ones((1, 30, 2, 4), jnp.float32)
+    rpb = jnp.zeros((2, 25), jnp.float32)
+    geo = ffi.make_geometry((1, 6, 5, 2, 4), q.shape, q.shape, q.dtype, params, True)
+    np.testing.assert_allclose(_raw_forward(geo, q, rpb)[0], 1.0, rtol=1e-6)
+    bad_start = ffi._attributes(geo, False)["win_start"].copy()
+    bad_start[3] = 40
+    bad_tiles = ffi._attributes(geo, False)["tile_count"].copy()
+    bad_tiles[-1] = 99
+    cases = [
+        (dict(win_start=bad_start), "win_start/win_count out of range"),
+        (dict(tile_count=bad_tiles), "tile"),
+        (dict(lengths=np.asarray([1, 6, 6], np.int64)), "positions"),
+        (dict(win_count=np.zeros(3, np.int64)), "sum\\(lengths\\)"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(Exception, match=message):
+            jax.block_until_ready(_raw_forward(geo, q, rpb, **overrides))
+    with pytest.raises(Exception, match="rpb has shape"):
+        jax.block_until_ready(_raw_forward(geo, q, jnp.zeros((2, 24), jnp.float32)))
+    with pytest.raises(Exception, match="share one dtype"):
+        out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                     jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))  # fmt: skip
+        call = jax.ffi.ffi_call("natjax_na_fwd", out_types)
+        jax.block_until_ready(call(q, q.astype(jnp.float16), q, rpb, **ffi._attributes(geo, False)))
+
+
+def test_backward_is_deterministic():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((4, 12, 12, 2, 16)), jnp.float32) for _ in range(3))
+    rpb = jnp.asarray(rng.standard_normal((2, 9, 9)), jnp.float32)
+    loss = lambda q, k, v, rpb: jnp.sum(natjax.na2d(q, k, v, 5, rpb=rpb, implementation="ffi") ** 2)
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+    first = [np.asarray(g) for g in grad(q, k, v, rpb)]
+    for _ in range(3):
+        for a, b in zip(first, grad(q, k, v, rpb), strict=True):
+            np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_unsupported_reason_and_build_info():
+    params = make_params(2, (8, 8), 16, 3, 1, False, None)
+    assert ffi.unsupported_reason((1, 8, 8, 2, 16), jnp.float32, params, True) is None
+    assert "int32" in ffi.unsupported_reason((1, 8, 8, 2, 16), jnp.int32, params, False)
+    assert "-O3" in ffi.build_info()
+
+
+_MISSING_SCRIPT = """
+import sys
+sys.modules["natjax_ffi"] = None  # as if natjax-ffi were not installed
+import jax.numpy as jnp, natjax
+q = jnp.zeros((1, 8, 8, 2, 4))
+try:
+    natjax.na2d(q, q, q, 3, implementation="ffi")
+except ValueError as err:
+    print("ERROR:", err)
+print("XLA_OK", float(natjax.na2d(q, q, q, 3, implementation="xla").sum()))
+"""
+
+
+def test_missing_library_gives_install_hint():
+    res = subprocess.run(
+        [sys.executable, "-c", _MISSING_SCRIPT], capture_output=True, text=True, timeout=300
+    )
+    assert "ERROR: implementation='ffi' cannot run this call" in res.stdout, res.stderr
+    assert "pip install ./ffi" in res.stdout
+    assert "XLA_OK 0.0" in res.stdout
