@@ -11,6 +11,7 @@ from natjax.models import (
     get_config,
     list_presets,
 )
+from natjax.models.preprocessing import PreprocessConfig, preprocess
 from natjax.ops.na import na1d, na2d, na3d
 
 __version__ = "0.1.0"
@@ -19,6 +20,7 @@ __all__ = [
     "NatConfig",
     "NatForImageClassification",
     "NatModel",
+    "PreprocessConfig",
     "create_model",
     "export_pretrained",
     "from_pretrained",
@@ -27,5 +29,6 @@ __all__ = [
     "na1d",
     "na2d",
     "na3d",
+    "preprocess",
     "save_pretrained",
 ]

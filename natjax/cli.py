@@ -13,6 +13,7 @@ import sys
 _COMMAND_MODULES = (
     "natjax.demo",
     "natjax.convert.cli",
+    "natjax.predict",
     "natjax.train.cli",
 )
 

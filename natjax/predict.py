@@ -1,27 +1,26 @@
-"""Image classification with a pretrained NAT/DiNAT: ImageNet-style preprocessing and top-k.
+"""Image classification with a pretrained NAT/DiNAT: top-k classes, and `natjax predict`.
 
-Preprocessing follows the evaluation transform of the NAT/DiNAT papers (timm's, with
-`crop_pct=0.875`): resize the shorter side to `size / crop_pct` with bicubic interpolation, centre
-crop `size x size`, scale to [0, 1] and normalise with the ImageNet mean/std.
+    natjax predict --model SRC IMAGE...      top-5 classes per image
+
+`SRC` is anything `natjax.from_pretrained` takes (a folder, a weights file with `--config`, a
+hub id). Images go through the checkpoint's own eval transform (`natjax.preprocess`: its
+`preprocessor_config.json`, else timm's ImageNet transform at `--size`).
 """
 
 from __future__ import annotations
 
-import os
+import argparse
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from PIL import Image, UnidentifiedImageError
 
+from natjax.convert.loading import from_pretrained
 from natjax.models.labels import label_name
-from natjax.train.augment import resize_center_crop
-from natjax.train.config import IMAGENET_MEAN, IMAGENET_STD
-
-DEFAULT_CROP_PCT = 0.875
+from natjax.models.preprocessing import PreprocessConfig, preprocess, resolve
 
 
 @dataclass(frozen=True)
@@ -33,53 +32,19 @@ class Prediction:
     probability: float
 
 
-def preprocess(
-    path: str | os.PathLike, size: int = 224, crop_pct: float = DEFAULT_CROP_PCT
-) -> np.ndarray:
-    """Load an image file as a normalised `[size, size, 3]` float32 array (channels last).
-
-    Args:
-      path: any image PIL can read (converted to RGB).
-      size: output side length.
-      crop_pct: the shorter side is first resized to `int(size / crop_pct)`.
-
-    Returns:
-      The normalised image.
-
-    Raises:
-      FileNotFoundError: `path` does not exist.
-      ValueError: the file is not a readable image, or `size`/`crop_pct` are invalid.
-    """
-    if not isinstance(size, int) or size <= 0:
-        raise ValueError(f"size={size!r}; expected a positive int")
-    if not isinstance(crop_pct, int | float) or not 0 < crop_pct <= 1:
-        raise ValueError(f"crop_pct={crop_pct!r}; expected a number in (0, 1]")
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as err:
-        raise ValueError(f"{path}: cannot read image ({err})") from None
-    # The same resize + centre crop as training's evaluation (torchvision rounding, bicubic).
-    img = resize_center_crop(img, size, crop_pct)
-    x = np.asarray(img, dtype=np.float32) / 255.0
-    return (x - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
-
-
 @nnx.jit
 def _probabilities(model: nnx.Module, images: jax.Array) -> jax.Array:
     logits = model(images).logits
     return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def predict(model: nnx.Module, images: np.ndarray, top_k: int = 5) -> list[list[Prediction]]:
-    """Top-k classes of a batch of preprocessed images.
+def predict(model: nnx.Module, images: Any, top_k: int = 5) -> list[list[Prediction]]:
+    """Top-k classes of images.
 
     Args:
       model: a `NatForImageClassification` with a classifier head.
-      images: `[B, H, W, 3]` from `preprocess`.
+      images: preprocessed float `[B, H, W, 3]`, or raw images (paths, PIL images, uint8
+        arrays, lists of them), which go through `natjax.preprocess(images, model)` first.
       top_k: classes per image (at most `num_labels`).
 
     Returns:
@@ -94,6 +59,9 @@ def predict(model: nnx.Module, images: np.ndarray, top_k: int = 5) -> list[list[
         )
     if not isinstance(top_k, int) or top_k <= 0:
         raise ValueError(f"top_k={top_k!r}; expected a positive int")
+    array = images if hasattr(images, "dtype") else None
+    if array is None or not jnp.issubdtype(array.dtype, jnp.floating) or array.ndim != 4:
+        images = preprocess(images, model)
     probs = np.asarray(_probabilities(model, jnp.asarray(images)))
     k = min(top_k, probs.shape[-1])
     results = []
@@ -103,3 +71,48 @@ def predict(model: nnx.Module, images: np.ndarray, top_k: int = 5) -> list[list[
             [Prediction(int(i), label_name(config, int(i)), float(row[i])) for i in order]
         )
     return results
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _run(args) -> int:
+    kwargs = {"attention_implementation": args.attention} if args.attention else {}
+    model = from_pretrained(args.model, config=args.config, revision=args.revision, **kwargs)
+    settings = resolve(model)
+    if args.size is not None:  # an explicit size replaces the checkpoint's
+        settings = PreprocessConfig(
+            size=args.size, crop_pct=settings.crop_pct, resize=settings.resize,
+            interpolation=settings.interpolation, mean=settings.mean, std=settings.std,
+        )  # fmt: skip
+    images = preprocess(list(args.images), settings)
+    for path, top in zip(args.images, predict(model, images, args.top_k), strict=True):
+        print(path)
+        for rank, p in enumerate(top, 1):
+            print(f"  {rank}. {p.probability:.4f}  {p.label} ({p.index})")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add the `predict` subcommand to the `natjax` parser."""
+    p = sub.add_parser("predict", help="top-k ImageNet-style classification of image files")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="checkpoint folder, weights file (with --config) or Hugging Face hub id",
+    )
+    p.add_argument("--config", default=None, help="preset name or config.json path")
+    p.add_argument("--revision", default=None, help="hub revision (hub ids only)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="crop size (default: the checkpoint's preprocessing, else 224)",
+    )
+    p.add_argument("--top-k", type=int, default=5, help="classes to print per image")
+    p.add_argument(
+        "--attention",
+        choices=("xla", "reference", "pallas"),
+        default=None,
+        help="neighborhood-attention implementation (default: fastest available)",
+    )
+    p.set_defaults(func=_run)

@@ -16,7 +16,7 @@ from safetensors.numpy import load_file
 import natjax
 from natjax.cli import main
 from natjax.convert.torch_zip import load_torch_state_dict
-from natjax.predict import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from natjax.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig, preprocess
 
 FAST = ["--attention", "reference"]  # quickest to compile on CPU; backends are tested elsewhere
 
@@ -90,7 +90,7 @@ def test_predict_end_to_end(tmp_path, capsys, natjax_ckpt):
     assert len(lines) == 12 and lines[0] == str(paths[0]) and lines[6] == str(paths[1])
     names = [f"class-{c}" for c in "abcdefghij"]
     model = natjax.from_pretrained(natjax_ckpt, attention_implementation="reference")
-    images = np.stack([preprocess(p, size=64) for p in paths])
+    images = preprocess(paths, PreprocessConfig.timm(64))
     want = np.asarray(_probs(model, jnp.asarray(images)))
     for n in range(2):
         rows = [line.split() for line in lines[6 * n + 1 : 6 * n + 6]]
@@ -106,7 +106,7 @@ def test_predict_end_to_end(tmp_path, capsys, natjax_ckpt):
 def test_preprocess_geometry_and_normalisation(tmp_path):
     path = tmp_path / "grey.png"
     Image.new("RGB", (120, 48), (128, 128, 128)).save(path)
-    x = preprocess(path, size=32)
+    x = preprocess(path, PreprocessConfig.timm(32))[0]
     assert x.shape == (32, 32, 3) and x.dtype == np.float32
     want = (128 / 255 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
     np.testing.assert_allclose(x, np.broadcast_to(want, x.shape), atol=1e-5)
@@ -114,11 +114,11 @@ def test_preprocess_geometry_and_normalisation(tmp_path):
     # leaves 14 columns each side, so the crop stays symmetric.
     ramp = (np.abs(np.arange(98) - 48.5) * 5).astype(np.uint8)
     Image.fromarray(np.tile(ramp[None, :, None], (40, 1, 3))).save(tmp_path / "ramp.png")
-    y = preprocess(tmp_path / "ramp.png", size=16)
+    y = preprocess(tmp_path / "ramp.png", PreprocessConfig.timm(16))[0]
     np.testing.assert_allclose(y[:, :, 0], y[:, ::-1, 0], atol=0.02)
     assert y[:, 0, 0].mean() > y[:, 7, 0].mean() + 1  # edges bright, centre dark: really cropped
-    with pytest.raises(ValueError, match="size=0"):
-        preprocess(path, size=0)
+    with pytest.raises(ValueError, match=r"size=\(0, 0\)"):
+        PreprocessConfig.timm(0)
 
 
 def test_user_errors_exit_2_with_one_line(tmp_path, capsys, natjax_ckpt):

@@ -40,6 +40,7 @@ from natjax.convert.weights import (  # noqa: F401 (WEIGHT_SUFFIXES: re-exported
     read_sharded,
     read_weights,
 )
+from natjax.models.preprocessing import PREPROCESSOR_NAME, PreprocessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -295,7 +296,16 @@ def save_pretrained(model: nnx.Module, directory: str | os.PathLike) -> Path:
     }
     (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     save_file(nnx_flat_state(model), str(directory / NATJAX_WEIGHTS_NAME), metadata=_META)
+    _save_preprocessing(model, directory)
     return directory
+
+
+def _save_preprocessing(model: nnx.Module, directory: Path) -> None:
+    """`preprocessor_config.json` from the model's eval transform (timm's default if unset), so
+    the folder carries its input settings to `natjax predict` and transformers alike."""
+    settings = getattr(model, "preprocessing", None) or PreprocessConfig.timm()
+    text = json.dumps(settings.to_hf(), indent=2) + "\n"
+    (directory / PREPROCESSOR_NAME).write_text(text, encoding="utf-8")
 
 
 def export_pretrained(model: nnx.Module, directory: str | os.PathLike, format: str = "hf") -> Path:
@@ -325,6 +335,7 @@ def export_pretrained(model: nnx.Module, directory: str | os.PathLike, format: s
     hf_config = model.config.to_hf_config(arch)
     (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     state = {k: np.ascontiguousarray(v) for k, v in nnx_to_hf(model).items()}
+    _save_preprocessing(model, directory)
     if format == "hf":
         # transformers refuses safetensors files without format metadata.
         save_file(state, str(directory / HF_SAFETENSORS_NAME), metadata={"format": "pt"})

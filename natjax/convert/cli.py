@@ -1,9 +1,8 @@
-"""`natjax convert`, `natjax export` and `natjax predict` subcommands.
+"""`natjax convert` and `natjax export` subcommands (`natjax predict` lives in natjax.predict).
 
 natjax convert SRC DST [--config C]        any supported checkpoint -> natjax checkpoint
 natjax export SRC DST --format hf          -> config.json + model.safetensors (HF layout)
 natjax export SRC DST --format original    -> config.json + original.pth (SHI-Labs layout)
-natjax predict --model DIR IMAGE...        top-5 classes per image
 """
 
 from __future__ import annotations
@@ -46,15 +45,11 @@ def _add_source(p: argparse.ArgumentParser, name: str = "src") -> None:
 
 
 def _load(args, source: str):
-    kwargs = {}
-    if getattr(args, "attention", None):
-        kwargs["attention_implementation"] = args.attention
     return from_pretrained(
         source,
         config=args.config,
         architecture=args.architecture,
         state_dict_key=args.state_dict_key,
-        **kwargs,
     )
 
 
@@ -72,23 +67,8 @@ def _export(args) -> int:
     return 0
 
 
-def _predict(args) -> int:
-    # Imported here: loading images needs PIL and jit, which convert/export do not.
-    import numpy as np
-
-    from natjax.predict import predict, preprocess
-
-    images = np.stack([preprocess(path, size=args.size) for path in args.images])
-    model = _load(args, args.model)
-    for path, top in zip(args.images, predict(model, images, args.top_k), strict=True):
-        print(path)
-        for rank, p in enumerate(top, 1):
-            print(f"  {rank}. {p.probability:.4f}  {p.label} ({p.index})")
-    return 0
-
-
 def register(sub) -> None:
-    """Add the convert/export/predict subcommands to the `natjax` parser."""
+    """Add the convert/export subcommands to the `natjax` parser."""
     p = sub.add_parser("convert", help="convert a checkpoint (HF, torch, original) to natjax")
     _add_source(p)
     p.add_argument("dst", help="output folder for the natjax checkpoint")
@@ -99,16 +79,3 @@ def register(sub) -> None:
     p.add_argument("dst", help="output folder")
     p.add_argument("--format", choices=EXPORT_FORMATS, default="hf", help="target layout")
     p.set_defaults(func=_export)
-
-    p = sub.add_parser("predict", help="top-k ImageNet-style classification of image files")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    _add_source(p, "--model")
-    p.add_argument("--size", type=int, default=224, help="crop size (default 224)")
-    p.add_argument("--top-k", type=int, default=5, help="classes to print per image")
-    p.add_argument(
-        "--attention",
-        choices=("xla", "reference", "pallas"),
-        default=None,
-        help="neighborhood-attention implementation (default: fastest available)",
-    )
-    p.set_defaults(func=_predict)

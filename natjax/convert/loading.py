@@ -33,6 +33,7 @@ from natjax.convert.original import mismatch_error
 from natjax.convert.original import original_to_hf as _original_to_hf
 from natjax.convert.weights import check_float_weights, read_weights
 from natjax.models import NatConfig
+from natjax.models.preprocessing import PreprocessConfig
 from natjax.models.pretrained import register_checkpoint_io
 
 logger = logging.getLogger(__name__)
@@ -279,7 +280,7 @@ def from_pretrained(
         what = f"loading {ckp.source} (natjax layout) into {type(model).__name__}"
         ckpt.load_nnx_flat_state(model, ckp.state, what)
         ckpt._check_filled(model, what)
-        return model
+        return _with_preprocessing(model, ckp)
     shell = ckpt.build_model(config, architecture, abstract=True, **model_kwargs)
     what = f"loading {ckp.source} ({ckp.layout} layout) into {type(shell).__name__}"
     state, fresh = adapt_state(
@@ -294,6 +295,15 @@ def from_pretrained(
     model = ckpt.build_model(config, architecture, **model_kwargs) if fresh else shell
     hf_to_nnx(model, state, strict=not fresh)
     ckpt._check_filled(model, what)
+    return _with_preprocessing(model, ckp)
+
+
+def _with_preprocessing(model: nnx.Module, ckp: Checkpoint) -> nnx.Module:
+    """Attach the checkpoint's `preprocessor_config.json` settings (`natjax.preprocess` and
+    `save_pretrained` use them); models without one get timm's default when preprocessing."""
+    settings = PreprocessConfig.from_folder(ckp.folder) if ckp.folder is not None else None
+    if settings is not None:
+        model.preprocessing = settings
     return model
 
 

@@ -35,6 +35,9 @@ class PretrainedMixin:
     """
 
     architecture: str = ""
+    # The checkpoint's eval transform (a `PreprocessConfig`), set by `from_pretrained` when the
+    # checkpoint has a preprocessor_config.json; None means timm's ImageNet default.
+    preprocessing = None
 
     @classmethod
     def from_pretrained(cls, source: str | os.PathLike, *args: Any, **kwargs: Any):

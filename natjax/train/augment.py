@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from natjax.models.preprocessing import PreprocessConfig, resize_and_crop
+
 _RESAMPLE = Image.BICUBIC
 
 
@@ -62,18 +64,10 @@ def random_resized_crop(
 def resize_center_crop(img: Image.Image, size: int, crop_pct: float) -> Image.Image:
     """Eval transform: resize the short side to size / crop_pct, then centre-crop size x size.
 
-    Rounds exactly as timm's eval pipeline (torchvision `Resize(int)` truncates the longer side,
-    `CenterCrop` rounds the offsets), bicubic. Also used by `natjax.predict.preprocess`.
+    The same function as `natjax.preprocess` (timm's rounding, bicubic; only the crop region is
+    resampled, so thin or huge images cost what the output costs).
     """
-    short = int(math.floor(size / crop_pct))
-    w, h = img.size
-    if w <= h:
-        nw, nh = short, int(short * h / w)
-    else:
-        nw, nh = int(short * w / h), short
-    img = img.resize((nw, nh), _RESAMPLE)
-    top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
-    return img.crop((left, top, left + size, top + size))
+    return resize_and_crop(img, PreprocessConfig.timm(size, crop_pct))
 
 
 # --- RandAugment (Cubuk et al. 2020; timm "rand-m9-mstd0.5-inc1" op set, increasing variant).
