@@ -21,8 +21,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from natjax.convert.checkpoint import from_pretrained as _nnx_from_pretrained
 from natjax.convert.checkpoint import model_architecture
+from natjax.convert.loading import from_pretrained as _nnx_from_pretrained
 from natjax.models import MODEL_CLASSES, NatConfig
 
 
