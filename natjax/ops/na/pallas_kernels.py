@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -63,7 +62,7 @@ class Geometry:
     num_warps: int
     num_stages: int
     keys_per_step: int = 64
-    force_interpret: bool | None = None  # None: interpret exactly when not running on a GPU
+    force_interpret: bool | None = None  # None: decided at lowering (compiled for cuda)
 
     @property
     def n(self) -> int:
@@ -107,12 +106,6 @@ class Geometry:
             max(16, next_pow2(self.rpb_outer)),
             max(16, next_pow2(2 * self.axes[2].kernel - 1)),
         )
-
-    @property
-    def interpret(self) -> bool:
-        if self.force_interpret is not None:
-            return self.force_interpret
-        return jax.default_backend() != "gpu"
 
 
 def make_geometry(

@@ -42,6 +42,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -80,16 +81,25 @@ def _rpb_spec(geo):
 
 
 def _call(kernel, geo, name, in_specs, out_specs, out_shape, grid):
-    return pl.pallas_call(
-        functools.partial(kernel, geo=geo),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=geo.num_warps, num_stages=geo.num_stages),
-        interpret=geo.interpret,
-        name=name,
-    )
+    def build(interpret):
+        return pl.pallas_call(
+            functools.partial(kernel, geo=geo),
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            compiler_params=plgpu.CompilerParams(
+                num_warps=geo.num_warps, num_stages=geo.num_stages
+            ),
+            interpret=interpret,
+            name=name,
+        )
+
+    if geo.force_interpret is not None:
+        return build(geo.force_interpret)
+    # Compiled Triton kernels when lowering for CUDA, interpret mode for any other platform:
+    # decided at lowering time (so a CPU host can compile for a GPU target, and vice versa).
+    return lambda *args: lax.platform_dependent(*args, cuda=build(False), default=build(True))
 
 
 def _forward_call(geo: Geometry, q, k, v, rpb):
@@ -240,7 +250,10 @@ def unsupported_reason(shape, dtype, params: NAParams, has_rpb: bool) -> str | N
     return None
 
 
-def na_pallas(q, k, v, rpb, params: NAParams, config: NATileConfig | None = None, interpret=None):
+def na_pallas(
+    q, k, v, rpb, params: NAParams, config: NATileConfig | None = None, interpret=None,
+    check: bool = True,
+):  # fmt: skip
     """Fused neighborhood attention (Pallas/Triton; interpret mode off-GPU).
 
     Args:
@@ -248,8 +261,10 @@ def na_pallas(q, k, v, rpb, params: NAParams, config: NATileConfig | None = None
       rpb: `[heads, *(2K-1)]` or None.
       params: validated window arguments.
       config: tile configuration; `default_config(...)` when None.
-      interpret: force Pallas interpret mode on/off; None = interpret unless on a GPU (False
-        on a CPU host is only useful to lower for CUDA, e.g. to check the Triton lowering).
+      interpret: force Pallas interpret mode on/off; None = chosen when lowering (compiled
+        Triton kernels for `cuda`, interpret mode elsewhere), so a CPU host can compile for a GPU.
+      check: False skips `unsupported_reason` (only for `experiments/compile_gate.py
+        --ignore-refusals`, which compiles refused calls to re-derive the limits).
 
     Returns:
       (out in q's dtype, lse `[batch, *spatial, heads]` float32).
@@ -257,7 +272,7 @@ def na_pallas(q, k, v, rpb, params: NAParams, config: NATileConfig | None = None
     Raises:
       ValueError: if `unsupported_reason` rejects the call or the config does not match it.
     """
-    reason = unsupported_reason(q.shape, q.dtype, params, rpb is not None)
+    reason = unsupported_reason(q.shape, q.dtype, params, rpb is not None) if check else None
     if reason is not None:
         raise ValueError(f"na_pallas: {reason}.")
     if config is None:
