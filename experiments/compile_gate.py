@@ -214,11 +214,12 @@ def run_case(case, sharding, ptxas, keep: str, ignore_refusals: bool) -> dict:
 def _row(case: str, fn: str, st: dict, rec: dict) -> str:
     launch = rec.get("launch", {}).get(fn, {})
     loops = rec["loops"].get(fn) or [{}]
-    ops = loops[0].get("ops_per_score", "?") if isinstance(loops, list) else "?"
+    loop = loops[0] if isinstance(loops, list) else {}
+    ops = f"{loop.get('score_block_ops', '?')}/{loop.get('ops_per_score', '?')}"
     return (
         f"{case:<22} {fn.replace('na_pallas_', ''):<4} {launch.get('num_warps', '?'):>2} "
         f"{st.get('regs', '?'):>4} {st['spill_stores']:>5}/{st['spill_loads']:<5} "
-        f"{st.get('smem', '?'):>7} {st.get('blocks_per_sm', '?'):>4} {ops:>7}"
+        f"{st.get('smem', '?'):>7} {st.get('blocks_per_sm', '?'):>4} {ops:>12}"
     )
 
 
@@ -255,7 +256,7 @@ def main(argv=None) -> int:
 
     print(f"jax {jax.__version__}; target H100 (sm_90a, deviceless); {version}")
     print(f"{len(cases)} cases, forward + backward each\n")
-    head = f"{'case':<22} kern nw regs spill st/ld    smem b/SM ops/scr"
+    head = f"{'case':<22} kern nw regs spill st/ld    smem b/SM  ops/score*"
     print(head + "\n" + "-" * len(head))
     records, failed, t0 = [], 0, time.time()
     for case in cases:
@@ -272,6 +273,7 @@ def main(argv=None) -> int:
             for p in rec["problems"]:
                 print(f"{'':<4}FAIL {case.name}: {p.splitlines()[0][:300]}")
         sys.stdout.flush()
+    print("* inner-loop non-matmul ops per score: on the score block / all (gate_ptx)")
     refused = sum(1 for r in records if r["refused"])
     print(
         f"\n{len(cases)} cases: {len(cases) - refused - failed} clean, {failed} failing, "

@@ -176,5 +176,12 @@ def refusal(case: GateCase) -> str | None:
     params = api.make_params(
         case.ndim, case.spatial, case.head_dim, case.kernel, case.dilation, case.causal, None
     )
-    q = jax.ShapeDtypeStruct(case.shape, jnp.dtype(case.dtype))
+    dtype = jnp.dtype(case.dtype)
+    if hasattr(api, "unsupported_reason"):  # the dispatch's call record (NACall)
+        from natjax.ops.na.spec import NACall
+
+        return api.unsupported_reason(
+            "pallas", NACall.for_query(case.shape, dtype, params, case.rpb)
+        )
+    q = jax.ShapeDtypeStruct(case.shape, dtype)
     return api._unsupported_reason("pallas", q, params, case.rpb)

@@ -208,20 +208,22 @@ def _numel(shape: str) -> int:
 
 
 def loop_ops_per_score(ttir: str) -> list[dict]:
-    """Non-matmul work per score of every `scf.for` loop (the kernels' inner loops).
+    """Non-matmul work per score of every innermost `scf.for` loop with a matmul.
 
     Each op in the loop body (not `tt.dot`, constants or yields) counts its result's elements
     (a reduction: its operand's), divided by the elements of the loop's first `tt.dot` result
     (the score block `q k^T`): one elementwise op over the score block counts 1, one over a
     `[rows]` vector 1/keys. Scalar ops are free. Shape-only ops (`LAYOUT`: splat, broadcast,
-    expand_dims, ...) are reported apart as `layout_per_score`.
+    expand_dims, ...) are reported apart as `layout_per_score`. `score_block_ops` counts only
+    the ops over exactly the score block (index math of the key/value loads, which scales with
+    keys x head_dim, and `[rows]` vectors left out): the per-score work proper.
 
     Args:
       ttir: Triton IR text of one kernel.
 
     Returns:
-      One dict per loop: `ops_per_score`, `layout_per_score`, `score_elements`, `dots`, `top`
-      (the 8 heaviest op kinds with their per-score counts).
+      One dict per loop: `ops_per_score`, `score_block_ops`, `layout_per_score`,
+      `score_elements`, `dots`, `top` (the 8 heaviest op kinds with their per-score counts).
     """
     lines = ttir.splitlines()
     loops = []
@@ -239,10 +241,11 @@ def loop_ops_per_score(ttir: str) -> list[dict]:
     out = []
     for body in loops:
         dots = [ln for ln in body if "tt.dot" in ln]
-        if not dots:
+        if not dots or any("scf.for" in ln for ln in body):  # innermost loops only
             continue
         score = _numel(_TENSOR.findall(dots[0])[-1])
         per_kind: dict[str, float] = {}
+        score_kind: dict[str, float] = {}  # ops over exactly the score block (or reducing it)
         pending_reduce = False
         for ln in body:
             m = _OP.match(ln)
@@ -250,6 +253,8 @@ def loop_ops_per_score(ttir: str) -> list[dict]:
                 shapes = _TENSOR.findall(ln)
                 if shapes:
                     per_kind["tt.reduce"] = per_kind.get("tt.reduce", 0) + _numel(shapes[0])
+                    if _numel(shapes[0]) == score:
+                        score_kind["tt.reduce"] = score_kind.get("tt.reduce", 0) + score
                 pending_reduce = False
                 continue
             if not m:
@@ -263,12 +268,16 @@ def loop_ops_per_score(ttir: str) -> list[dict]:
             shapes = _TENSOR.findall(ln)
             if shapes:
                 per_kind[kind] = per_kind.get(kind, 0) + _numel(shapes[-1])
+                if _numel(shapes[-1]) == score:
+                    score_kind[kind] = score_kind.get(kind, 0) + score
         layout = sum(v for k, v in per_kind.items() if k in LAYOUT) / score
+        on_scores = sum(v for k, v in score_kind.items() if k not in LAYOUT) / score
         total = sum(v for k, v in per_kind.items() if k not in LAYOUT) / score
         top = sorted(per_kind.items(), key=lambda kv: -kv[1])[:8]
         out.append(
             dict(
                 ops_per_score=round(total, 2),
+                score_block_ops=round(on_scores, 2),
                 layout_per_score=round(layout, 2),
                 score_elements=score,
                 dots=len(dots),

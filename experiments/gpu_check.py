@@ -45,7 +45,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import natjax  # noqa: E402
-from natjax.ops.na.spec import axis_windows, make_params  # noqa: E402
+from natjax.ops.na.reference import dense_mask_and_bias_index  # noqa: E402
+from natjax.ops.na.spec import make_params  # noqa: E402
 
 # Peak HBM bandwidth (bytes/s) by device kind (vendor data sheets).
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
@@ -78,22 +79,6 @@ def floor_bytes(shape, itemsize: int, backward: bool) -> int:
     return (11 if backward else 4) * math.prod(shape) * itemsize
 
 
-def dense_mask(spatial, kernel, dilation) -> np.ndarray:
-    """`[N, N]` bool: query i attends key j (product of the per-axis NATTEN windows)."""
-    ndim = len(spatial)
-    kernel = (kernel,) * ndim if isinstance(kernel, int) else kernel
-    dilation = (dilation,) * ndim if isinstance(dilation, int) else dilation
-    mask = np.ones((1, 1), bool)
-    for n, k, d in zip(spatial, kernel, dilation, strict=True):
-        w = axis_windows(n, k, d, False)
-        ax = np.zeros((n, n), bool)
-        np.put_along_axis(ax, w.key, True, axis=1)
-        mask = (mask[:, None, :, None] & ax[None, :, None, :]).reshape(
-            mask.shape[0] * n, mask.shape[1] * n
-        )
-    return mask
-
-
 def _median_time(fn, args, reps: int) -> float:
     jax.block_until_ready(fn(*args))  # compile + warm-up
     times = []
@@ -112,8 +97,9 @@ def _attention(impl, case):
     if impl in ("pallas", "xla"):
         return lambda q, k, v, rpb: na(q, k, v, kernel, dilation, rpb=rpb, implementation=impl)
     mask = None
-    if impl == "dense_masked":
-        mask = jnp.asarray(dense_mask(spatial, kernel, dilation))[None, None]
+    if impl == "dense_masked":  # the spec's own [N, N] neighborhood mask
+        params = make_params(ndim, spatial, head_dim, kernel, dilation, False, None)
+        mask = jnp.asarray(dense_mask_and_bias_index(spatial, params)[0])[None, None]
 
     def dense(q, k, v, rpb):
         del rpb  # the dense baselines run without the bias (its [h, N, N] table is not NA's)
