@@ -141,9 +141,9 @@ def default_config(params: NAParams, head_dim: int, dtype, has_rpb: bool = True)
         dq = (1, 16, 4) if has_rpb else fwd
         dkv = (1, 4, 8) if f32 else (2, 4, 8)
     warps = _warps(head_dim)
-    make = lambda block, kps=64: NATileConfig(block, warps, 2, kps)  # noqa: E731
+    make = lambda block, kps=64, stages=2: NATileConfig(block, warps, stages, kps)  # noqa: E731
     # dk/dv: fewer queries per step for float32 (IEEE dots) and head_dim 128.
     if f32 and wide:  # IEEE float32 dots at head_dim 128: the smallest dk/dv steps
         dkv = {1: (16,), 2: (2, 8), 3: (1, 2, 8)}[params.ndim]
     kps = (16 if wide else 32) if f32 else (32 if wide else 64)
-    return NAPallasConfig(fwd=make(fwd), dq=make(dq), dkv=make(dkv, kps))
+    return NAPallasConfig(fwd=make(fwd), dq=make(dq), dkv=make(dkv, kps, 1))
