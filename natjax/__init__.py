@@ -1,6 +1,8 @@
 """natjax: Neighborhood Attention, NAT and DiNAT in JAX."""
 
-from natjax.convert.checkpoint import export_pretrained, from_pretrained, save_pretrained
+from natjax.convert.checkpoint import export_pretrained, save_pretrained
+from natjax.convert.loading import from_pretrained
+from natjax.convert.zoo import create_model
 from natjax.models import (
     NatBackbone,
     NatConfig,
@@ -17,6 +19,7 @@ __all__ = [
     "NatConfig",
     "NatForImageClassification",
     "NatModel",
+    "create_model",
     "export_pretrained",
     "from_pretrained",
     "get_config",

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image, UnidentifiedImageError
 
+from natjax.models.labels import label_name
 from natjax.train.augment import resize_center_crop
 from natjax.train.config import IMAGENET_MEAN, IMAGENET_STD
 
@@ -83,7 +84,7 @@ def predict(model: nnx.Module, images: np.ndarray, top_k: int = 5) -> list[list[
 
     Returns:
       For each image, `top_k` predictions sorted by decreasing probability; labels come from
-      `config.id2label` (else "LABEL_<i>").
+      `config.id2label`, else ImageNet-1k's names for 1000 classes, else "LABEL_<i>".
     """
     config = model.config
     if type(model).__name__ != "NatForImageClassification" or config.num_labels <= 0:
@@ -93,11 +94,12 @@ def predict(model: nnx.Module, images: np.ndarray, top_k: int = 5) -> list[list[
         )
     if not isinstance(top_k, int) or top_k <= 0:
         raise ValueError(f"top_k={top_k!r}; expected a positive int")
-    labels = config.id2label or tuple(f"LABEL_{i}" for i in range(config.num_labels))
     probs = np.asarray(_probabilities(model, jnp.asarray(images)))
     k = min(top_k, probs.shape[-1])
     results = []
     for row in probs:
         order = np.argsort(-row, kind="stable")[:k]
-        results.append([Prediction(int(i), labels[i], float(row[i])) for i in order])
+        results.append(
+            [Prediction(int(i), label_name(config, int(i)), float(row[i])) for i in order]
+        )
     return results

@@ -1,6 +1,7 @@
 """`natjax convert`, `natjax export` and `natjax predict` end to end through `natjax.cli.main`."""
 
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -127,13 +128,15 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, natjax_ckpt):
     garbage_bin.write_bytes(b"definitely not a torch file")
     image = tmp_path / "ok.png"
     Image.new("RGB", (8, 8)).save(image)
+    lone = tmp_path / "lone.pth"  # no config.json beside it
+    shutil.copy(golden_file("nat_rand", "original.pth"), lone)
     cases = [
         (["predict", "--model", natjax_ckpt, tmp_path / "missing.png"], "image not found"),
         (["predict", "--model", natjax_ckpt, garbage], "cannot read image"),
         (["predict", "--model", tmp_path / "no_model", image], "checkpoint not found"),
         (["predict", "--model", image, image, "--config", "nat_mini"], "not a readable"),
         (["convert", tmp_path / "nothing", tmp_path / "out"], "checkpoint not found"),
-        (["convert", golden_file("nat_rand", "original.pth"), tmp_path / "o"], "pass config="),
+        (["convert", lone, tmp_path / "o"], "pass config="),
         (["convert", garbage, tmp_path / "o", "--config", "nat_mini"], "not a readable"),
         (["convert", garbage_bin, tmp_path / "o", "--config", "nat_mini"], "not a zip"),
         (["export", natjax_ckpt, tmp_path / "o", "--config", "nat_giant"], "Unknown preset"),

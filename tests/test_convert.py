@@ -179,8 +179,11 @@ def test_clear_errors(tmp_path):
     shutil.copy(folder / "config.json", only_config / "config.json")
     with pytest.raises(FileNotFoundError, match="no weights file"):
         natjax.from_pretrained(only_config)
-    with pytest.raises(ValueError, match="pass config="):
-        natjax.from_pretrained(folder / "model.safetensors")
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(folder / "model.safetensors", lone / "model.safetensors")
+    with pytest.raises(ValueError, match="no config.json beside it: pass config="):
+        natjax.from_pretrained(lone / "model.safetensors")
     with pytest.raises(ValueError, match="Unknown preset 'nat_huge'"):
         natjax.from_pretrained(folder / "model.safetensors", config="nat_huge")
     with pytest.raises(FileNotFoundError, match="config file not found"):

@@ -218,6 +218,8 @@ try:
 except ValueError as err:
     print("ERROR:", err)
 print("XLA_OK", float(natjax.na2d(q, q, q, 3, implementation="xla").sum()))
+x = jnp.zeros((1, 40, 40, 2, 4))  # None must fall back without a warning or an error
+print("NONE_OK", float(natjax.na2d(x, x, x, 3).sum()))
 """
 
 
@@ -228,3 +230,4 @@ def test_missing_library_gives_install_hint():
     assert "ERROR: implementation='ffi' cannot run this call" in res.stdout, res.stderr
     assert "pip install ./ffi" in res.stdout
     assert "XLA_OK 0.0" in res.stdout
+    assert "NONE_OK 0.0" in res.stdout and "falling back" not in res.stderr

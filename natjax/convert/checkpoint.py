@@ -1,6 +1,6 @@
-"""Load NAT/DiNAT weights from any supported checkpoint; save natjax and Hugging Face checkpoints.
+"""Checkpoint formats: configs, weights files and layouts; save natjax and Hugging Face checkpoints.
 
-Sources `from_pretrained` understands:
+`natjax.convert.loading.from_pretrained` reads them (plus hub ids); the formats are:
 
 * a Hugging Face folder: `config.json` + `model.safetensors` (or sharded, with
   `model.safetensors.index.json`) or `pytorch_model.bin`;
@@ -30,9 +30,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+import natjax.models as models
 from natjax.convert import torch_zip
+from natjax.convert.hf import key_table, kind_from_hf_config, model_kind, nnx_to_hf, param_variables
 from natjax.convert.original import check_state_dict, hf_to_original, is_original_layout
-from natjax.convert.original import original_to_hf as _original_to_hf
 from natjax.convert.weights import (  # noqa: F401 (WEIGHT_SUFFIXES: re-exported)
     WEIGHT_SUFFIXES,
     check_float_weights,
@@ -63,17 +64,8 @@ EXPORT_FORMATS = ("hf", "original")
 
 
 # ------------------------------------------------------------------------------------- configs
-def _models():
-    # Imported lazily: the model package is heavy and the reader/CLI parsing should not need it.
-    import natjax.models as models
-
-    return models
-
-
 def _architecture_from_hf(config_dict: Mapping[str, Any]) -> str | None:
     """The architecture a HF config.json's `architectures` names, None when it names none."""
-    from natjax.convert.hf import kind_from_hf_config
-
     return kind_from_hf_config(config_dict) if config_dict.get("architectures") else None
 
 
@@ -89,7 +81,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _config_from_dict(data: Mapping[str, Any], where: str):
     """(NatConfig, architecture or None) from a natjax or Hugging Face config dict."""
-    models = _models()
     if data.get("format") == FORMAT_MARKER:
         version = data.get("format_version")
         if version != FORMAT_VERSION:
@@ -124,7 +115,6 @@ def resolve_config(config: Any):
       FileNotFoundError: a path that does not exist.
       ValueError: an unknown preset or an invalid config.
     """
-    models = _models()
     if isinstance(config, models.NatConfig):
         return config, None
     if not isinstance(config, str | os.PathLike):
@@ -233,7 +223,7 @@ def build_model(
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
-    cls = getattr(_models(), ARCHITECTURES[architecture])
+    cls = getattr(models, ARCHITECTURES[architecture])
     if abstract and "rngs" not in model_kwargs:
         # The Rngs must be created inside the traced function (nnx trace-level rule).
         return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **model_kwargs))
@@ -253,15 +243,11 @@ def _check_filled(model: nnx.Module, what: str) -> None:
 
 def model_architecture(model: nnx.Module) -> str:
     """ "classification", "backbone" or "model" for a natjax model instance."""
-    from natjax.convert.hf import model_kind
-
     return model_kind(model)
 
 
 def _hf_reference_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     """HF key -> shape the model needs, without materialising (works on abstract models)."""
-    from natjax.convert.hf import key_table, param_variables
-
     params = param_variables(model)
     shapes = {}
     for entry in key_table(model):
@@ -274,89 +260,7 @@ def _hf_reference_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _load_hf_state(model: nnx.Module, state: Mapping[str, np.ndarray], what: str) -> None:
-    from natjax.convert.hf import hf_to_nnx, strip_base_prefix
-
-    # A classification checkpoint's "nat."/"dinat."-prefixed body also loads as NatModel/Backbone.
-    state = strip_base_prefix(model, state)
-    check_state_dict(state, _hf_reference_shapes(model), what)
-    check_float_weights(state, what)  # every Hugging Face NAT/DiNAT tensor is a float parameter
-    hf_to_nnx(model, state)
-
-
 # ---------------------------------------------------------------------------------- public API
-def from_pretrained(
-    path: str | os.PathLike,
-    config: Any = None,
-    *,
-    architecture: str | None = None,
-    state_dict_key: str | None = None,
-    **model_kwargs,
-) -> nnx.Module:
-    """Load a NAT/DiNAT model from a checkpoint folder or weights file.
-
-    Args:
-      path: a Hugging Face folder, a natjax checkpoint folder, or a single weights file
-        (`.safetensors`, `.bin`, `.pth`, `.pt`; HF, original SHI-Labs or natjax key layout).
-      config: overrides the folder's config.json; required for a single file. A `NatConfig`,
-        a preset name (`natjax.models`) or a config.json path.
-      architecture: "classification", "backbone" or "model"; default: what config.json's
-        `architectures` names, else inferred from the weights (classifier / backbone norms).
-      state_dict_key: for torch checkpoints nesting their weights (e.g. "model", "state_dict").
-      **model_kwargs: passed to the model constructor (e.g. `rngs`).
-
-    Returns:
-      The nnx model holding the checkpoint's weights.
-
-    Raises:
-      FileNotFoundError: missing path, config or weights.
-      ValueError: unsupported/corrupt files, unknown presets, or weights that do not fit the
-        config (missing/unexpected keys and shape mismatches are listed).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    file_arch = None
-    if path.is_dir():
-        if config is None:
-            if not (path / CONFIG_NAME).is_file():
-                raise FileNotFoundError(f"{path}: no {CONFIG_NAME} (pass config=...)")
-            config = path / CONFIG_NAME
-        if state_dict_key is None:
-            state, source = _find_weights(path)
-        else:
-            state = _select(path, state_dict_key)
-            source = "weights"
-        source = str(path / source)
-    else:
-        if config is None:
-            raise ValueError(
-                f"{path} is a single weights file: pass config= (a NatConfig, a preset name or "
-                "a config.json path)"
-            )
-        state = _select(path, state_dict_key) if state_dict_key else read_weights(path)
-        source = str(path)
-    config, file_arch = resolve_config(config)
-    layout = detect_layout(state)
-    architecture = architecture or file_arch or _architecture_from_keys(state, layout)
-    logger.info("%s: %s layout, %s, %s", source, layout, architecture, config.describe())
-    model = build_model(config, architecture, abstract=True, **model_kwargs)
-    what = f"loading {source} ({layout} layout) into {type(model).__name__}"
-    if layout == "natjax":
-        load_nnx_flat_state(model, state, what)
-    else:
-        if layout == "original":
-            if architecture != "classification":
-                raise ValueError(
-                    f"{source}: original SHI-Labs checkpoints hold classification models; "
-                    f"architecture={architecture!r} is not supported for them"
-                )
-            state = _original_to_hf(state, config.model_type)
-        _load_hf_state(model, state, what)
-    _check_filled(model, what)
-    return model
-
-
 def _select(path: Path, key: str) -> dict[str, np.ndarray]:
     """The state dict under `key` of a torch checkpoint file (or of the one in folder `path`)."""
     if path.is_dir():
@@ -408,8 +312,6 @@ def export_pretrained(model: nnx.Module, directory: str | os.PathLike, format: s
     Returns:
       The directory.
     """
-    from natjax.convert.hf import nnx_to_hf
-
     if format not in EXPORT_FORMATS:
         raise ValueError(f"format={format!r}; expected one of {EXPORT_FORMATS}")
     arch = model_architecture(model)

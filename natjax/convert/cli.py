@@ -14,10 +14,10 @@ from natjax.convert.checkpoint import (
     ARCHITECTURES,
     EXPORT_FORMATS,
     export_pretrained,
-    from_pretrained,
     model_architecture,
     save_pretrained,
 )
+from natjax.convert.loading import from_pretrained
 
 
 def _add_source(p: argparse.ArgumentParser, name: str = "src") -> None:

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from natjax.models.config import NatConfig
-from natjax.ops.na import na2d
+from natjax.nn import NeighborhoodAttention2D
+from natjax.nn.dropout import drop_path, dropout
 
 # Hugging Face `_init_weights`: normal(0, initializer_range=0.02) for Linear and Conv2d weights,
 # zero biases and relative positional biases, LayerNorm ones/zeros.
@@ -121,22 +122,6 @@ def activation(name: str, x: jax.Array) -> jax.Array:
     raise ValueError(f"activation: unknown `hidden_act` {name!r}.")
 
 
-def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Inverted dropout; identity when `key` is None (deterministic) or `rate` is 0."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def drop_path(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
-    """Stochastic depth: drops the whole branch per sample (HF `drop_path`, timm semantics)."""
-    if key is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
 class PatchEmbeddings(nnx.Module):
     """Overlapping tokenizer: two 3x3 stride-2 convs (HF `projection.0` / `projection.1`)."""
 
@@ -191,65 +176,6 @@ class Downsampler(nnx.Module):
         return self.norm(self.reduction(x))
 
 
-class NeighborhoodAttention(nnx.Module):
-    """Multi-head 2-D neighborhood attention with relative positional bias.
-
-    HF splits this into `attention.self` (query/key/value/rpb) and `attention.output.dense`;
-    here they are one module: `query`, `key`, `value`, `rpb` `[heads, 2k-1, 2k-1]`, `output`.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        kernel_size: int,
-        dilation: int,
-        *,
-        qkv_bias: bool,
-        dropout_rate: float,
-        implementation: str | None,
-        dtype: Dtype,
-        param_dtype: Dtype,
-        rngs: nnx.Rngs,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.query = linear(dim, dim, ("embed", "heads"), use_bias=qkv_bias, **kw)
-        self.key = linear(dim, dim, ("embed", "heads"), use_bias=qkv_bias, **kw)
-        self.value = linear(dim, dim, ("embed", "heads"), use_bias=qkv_bias, **kw)
-        self.rpb = nnx.Param(
-            jnp.zeros((num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1), param_dtype),
-            out_sharding=("heads", None, None),
-            eager_sharding=False,
-        )
-        self.output = linear(dim, dim, ("heads", "embed"), **kw)
-        self.num_heads = num_heads
-        self.kernel_size = kernel_size
-        self.dilation = dilation
-        self.dropout_rate = dropout_rate
-        self.implementation = implementation
-
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        batch, height, width, dim = x.shape
-        head_dim = dim // self.num_heads
-        split = lambda t: t.reshape(batch, height, width, self.num_heads, head_dim)  # noqa: E731
-        q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
-        # HF divides q by sqrt(head_dim) and then adds the bias: scale * q.k + rpb.
-        out = na2d(
-            q,
-            k,
-            v,
-            self.kernel_size,
-            dilation=self.dilation,
-            rpb=self.rpb.get_value().astype(q.dtype),
-            scale=head_dim**-0.5,
-            implementation=self.implementation,
-        )
-        out = self.output(out.reshape(batch, height, width, dim))
-        # HF drops attention probabilities *and* this projection with the same rate; the fused
-        # op exposes no probabilities, so only this one is applied (documented limitation).
-        return dropout(out, self.dropout_rate, key)
-
-
 class NatLayer(nnx.Module):
     """One pre-norm NA transformer layer (HF `NatLayer` / `DinatLayer`)."""
 
@@ -276,14 +202,19 @@ class NatLayer(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hidden = int(mlp_ratio * dim)
         self.layernorm_before = layer_norm(dim, layer_norm_eps, **kw)
-        self.attention = NeighborhoodAttention(
+        # HF drops attention probabilities *and* the output projection with the same rate; the
+        # fused op exposes no probabilities, so only the projection is dropped (a warning at
+        # model construction says so). HF initialises the bias to zeros.
+        self.attention = NeighborhoodAttention2D(
             dim,
             num_heads,
             kernel_size,
             dilation,
+            rel_pos_bias=True,
             qkv_bias=qkv_bias,
-            dropout_rate=attention_probs_dropout_prob,
+            proj_drop=attention_probs_dropout_prob,
             implementation=implementation,
+            rpb_init=None,
             **kw,
         )
         self.layernorm_after = layer_norm(dim, layer_norm_eps, **kw)

@@ -29,6 +29,7 @@ from flax import nnx
 from natjax.models.config import NatConfig
 from natjax.models.layers import TORCH_LAYER_NORM_EPS, Dtype, Embeddings, NatEncoder, layer_norm
 from natjax.models.outputs import BackboneOutput, NatImageClassifierOutput, NatModelOutput
+from natjax.models.pretrained import PretrainedMixin
 
 RngsLike = nnx.Rngs | jax.Array | None
 
@@ -45,6 +46,12 @@ def _check_config(config: NatConfig) -> None:
 
 
 def _check_images(images: jax.Array, config: NatConfig, name: str) -> None:
+    if hasattr(images, "dtype") and not jnp.issubdtype(images.dtype, jnp.floating):
+        raise ValueError(
+            f"{name}: `images` has dtype {images.dtype}; the model takes normalised float images. "
+            "Convert raw (e.g. uint8) images with natjax.preprocess(images, model) (resize, "
+            "centre crop, ImageNet mean/std as the checkpoint expects)."
+        )
     if not hasattr(images, "shape") or images.ndim != 4:
         raise ValueError(
             f"{name}: `images` must be [batch, height, width, channels] (channels-last), got "
@@ -142,7 +149,7 @@ def _embed_and_encode(
     return x, trunk.encoder(x, keys)
 
 
-class NatModel(nnx.Module):
+class NatModel(PretrainedMixin, nnx.Module):
     """NAT/DiNAT trunk: embeddings, encoder, final LayerNorm and mean pooling (HF `NatModel`).
 
     Args:
@@ -153,6 +160,8 @@ class NatModel(nnx.Module):
       attention_implementation: passed to `natjax.na2d` (None picks the fastest available).
       remat: recompute each NA layer's activations in the backward pass (`nnx.remat`).
     """
+
+    architecture = "model"
 
     def __init__(
         self,
@@ -201,11 +210,13 @@ class NatModel(nnx.Module):
         )
 
 
-class NatForImageClassification(nnx.Module):
+class NatForImageClassification(PretrainedMixin, nnx.Module):
     """`NatModel` plus a linear classifier on the pooled features (HF `NatForImageClassification`).
 
     Args: as `NatModel`; the head has `config.num_labels` outputs (none when 0).
     """
+
+    architecture = "classification"
 
     def __init__(
         self,
@@ -268,7 +279,7 @@ class NatForImageClassification(nnx.Module):
         )
 
 
-class NatBackbone(nnx.Module):
+class NatBackbone(PretrainedMixin, nnx.Module):
     """Multi-scale features for detection/segmentation (HF `NatBackbone`).
 
     Each stage named in `config.out_features` ("stem", "stage1", ...) contributes its output before
@@ -276,6 +287,8 @@ class NatBackbone(nnx.Module):
 
     Args: as `NatModel`.
     """
+
+    architecture = "backbone"
 
     def __init__(
         self,

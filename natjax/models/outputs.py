@@ -1,5 +1,9 @@
 """Model outputs: frozen dataclasses (JAX pytrees) with Hugging Face field names.
 
+They behave like transformers' `ModelOutput`: attribute access (`out.logits`), key access
+(`out["logits"]`), integer indexing and `to_tuple()` over the fields that are not None (so
+`out[0]` is the logits of a classifier), `keys()`, `values()`, `items()`.
+
 Differences from Hugging Face, all deliberate: `hidden_states` are channels-last `[B, h, w, C]`
 exactly as HF returns them, `reshaped_hidden_states` are `[B, C, h, w]` like HF; attention maps
 are not returned (the fused op never materialises them); the classifier output also carries the
@@ -8,12 +12,53 @@ base model's `last_hidden_state` and `pooler_output`.
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
 import jax
 from flax import struct
 
 
+class ModelOutputMixin:
+    """transformers `ModelOutput` access on a dataclass: fields that are None are skipped."""
+
+    def keys(self) -> tuple[str, ...]:
+        """Names of the fields that are not None, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None)
+
+    def values(self) -> tuple[Any, ...]:
+        """Values of the fields that are not None."""
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def items(self) -> tuple[tuple[str, Any], ...]:
+        """(name, value) of the fields that are not None."""
+        return tuple((k, getattr(self, k)) for k in self.keys())
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        """The values that are not None, as transformers' `ModelOutput.to_tuple()`."""
+        return self.values()
+
+    def __getitem__(self, key: str | int | slice) -> Any:
+        if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(f"{type(self).__name__} has no (non-None) field {key!r}; "
+                               f"fields: {self.keys()}")  # fmt: skip
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.keys()
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __iter__(self):
+        # As transformers: iterating yields the keys (like a dict).
+        return iter(self.keys())
+
+
 @struct.dataclass
-class NatModelOutput:
+class NatModelOutput(ModelOutputMixin):
     """Output of `NatModel`.
 
     Attributes:
@@ -31,7 +76,7 @@ class NatModelOutput:
 
 
 @struct.dataclass
-class NatImageClassifierOutput:
+class NatImageClassifierOutput(ModelOutputMixin):
     """Output of `NatForImageClassification`.
 
     Attributes:
@@ -48,7 +93,7 @@ class NatImageClassifierOutput:
 
 
 @struct.dataclass
-class BackboneOutput:
+class BackboneOutput(ModelOutputMixin):
     """Output of `NatBackbone`.
 
     Attributes:

@@ -53,10 +53,32 @@ DENSE_MAX_TOKENS = 256
 DENSE_MAX_TOKENS_PER_KERNEL_ELEMENT = 8
 
 
+# On CPU the native kernels (natjax-ffi, when installed) beat xla and dense on every case of
+# `python experiments/bench_ffi.py` (forward and forward+backward, 2.1-15x) except where one
+# window covers most of its dilation group (NAT's 7x7 last stage with kernel 7: ffi 0.54x xla
+# forward; DiNAT's dilation 8 at 56x56: 0.83x; 8x8 with kernel 7: 0.60x dense fwd+bwd). There
+# the attention is nearly dense and XLA's matmuls win, so above this fraction the rule below
+# keeps dense/xla.
+FFI_MAX_WINDOW_FRACTION = 0.5
+
+
+def _ffi_preferred(q, params: NAParams, has_rpb: bool) -> bool:
+    """Whether `None` should run this CPU call on the native kernels."""
+    group = math.prod(
+        -(-n // d) for n, d in zip(q.shape[1:-2], params.dilation, strict=True)
+    )  # the largest dilation group's size
+    if params.kernel_volume > FFI_MAX_WINDOW_FRACTION * group:
+        return False
+    return _unsupported_reason("ffi", q, params, has_rpb) is None
+
+
 def _default_implementation(q, params: NAParams, has_rpb: bool) -> str:
-    """`pallas` on NVIDIA GPUs when it supports the call; on CPU the dense `reference` for small
-    maps; `xla` everywhere else."""
+    """`pallas` on NVIDIA GPUs when it supports the call; on CPU the native `ffi` kernels when
+    installed (except near-dense windows), else the dense `reference` for small maps; `xla`
+    everywhere else."""
     if jax.default_backend() == "cpu":
+        if _ffi_preferred(q, params, has_rpb):
+            return "ffi"
         n = math.prod(q.shape[1:-2])
         small = n <= DENSE_MAX_TOKENS and n <= DENSE_MAX_TOKENS_PER_KERNEL_ELEMENT * (
             params.kernel_volume
