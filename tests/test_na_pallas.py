@@ -20,7 +20,7 @@ from na_base import NABackendTests, assert_close, make_inputs
 
 import natjax
 from natjax.ops.na.pallas_triton import na_pallas, unsupported_reason
-from natjax.ops.na.pallas_tuning import NATileConfig, default_config
+from natjax.ops.na.pallas_tuning import NAPallasConfig, NATileConfig, default_config
 from natjax.ops.na.reference import na_reference
 from natjax.ops.na.spec import make_params
 
@@ -49,25 +49,27 @@ def _grads(fn, q, k, v, rpb, d_out):
 # Tile-boundary cases: sizes that are not multiples of the tile, kernel == size, dilation groups
 # of unequal length, causal axes, a tile larger than the map, several tiles per group.
 _BOUNDARY = [
-    # spatial, kernel, dilation, causal, block_q, keys_per_step, head_dim
-    ((11, 13), (3, 5), (1, 1), (False, False), (2, 8), 64, 8),
-    ((13, 10), (5, 3), (2, 3), (False, True), (2, 8), 16, 16),
-    ((7, 9), (7, 9), (1, 1), (False, False), (4, 8), 128, 8),
-    ((12, 17), (3, 3), (4, 5), (True, False), (1, 16), 32, 4),
-    ((37,), (7,), (5,), (True,), (16,), 64, 8),
-    ((29,), (13,), (2,), (False,), (16,), 16, 24),
-    ((5, 6, 7), (3, 5, 3), (1, 1, 2), (False, True, False), (1, 2, 8), 64, 8),
+    # spatial, kernel, dilation, causal, block_q (fwd, dk/dv), dq block_q, keys_per_step, head_dim
+    ((11, 13), (3, 5), (1, 1), (False, False), (2, 8), (16, 1), 64, 8),
+    ((13, 10), (5, 3), (2, 3), (False, True), (2, 8), (16, 2), 16, 16),
+    ((7, 9), (7, 9), (1, 1), (False, False), (4, 8), (16, 4), 128, 8),
+    ((12, 17), (3, 3), (4, 5), (True, False), (1, 16), (16, 1), 32, 4),
+    ((37,), (7,), (5,), (True,), (16,), (32,), 64, 8),
+    ((29,), (13,), (2,), (False,), (16,), (16,), 16, 24),
+    ((5, 6, 7), (3, 5, 3), (1, 1, 2), (False, True, False), (1, 2, 8), (1, 16, 2), 64, 8),
 ]
 
 
-@pytest.mark.parametrize("spatial,kernel,dilation,causal,block,kps,head_dim", _BOUNDARY)
-def test_tile_boundaries_match_reference(spatial, kernel, dilation, causal, block, kps, head_dim):
+@pytest.mark.parametrize("spatial,kernel,dilation,causal,block,dq_block,kps,head_dim", _BOUNDARY)
+def test_tile_boundaries_match_reference(spatial, kernel, dilation, causal, block, dq_block, kps,
+                                         head_dim):  # fmt: skip
     ndim = len(spatial)
     case = dict(spatial=spatial, kernel_size=kernel, dilation=dilation, is_causal=causal,
                 rpb=True, batch=1, heads=2, head_dim=head_dim, seed=sum(spatial))  # fmt: skip
     q, k, v, rpb, d_out = make_inputs(case)
     params = make_params(ndim, spatial, head_dim, kernel, dilation, causal, None)
-    config = NATileConfig(block_q=block, keys_per_step=kps)
+    tile = NATileConfig(block_q=block, keys_per_step=kps)
+    config = NAPallasConfig(fwd=tile, dq=NATileConfig(block_q=dq_block), dkv=tile)
     got = _grads(lambda *a: na_pallas(*a, params, config=config), q, k, v, rpb, d_out)
     want = _grads(lambda *a: na_reference(*a, params), q, k, v, rpb, d_out)
     for name, g, w in zip(("out", "lse"), got[:2], want[:2], strict=True):
@@ -112,6 +114,36 @@ def test_unsupported_reason_and_dispatch():
         natjax.na2d(q, q, q, 3, implementation="pallas")
 
 
+def test_gate_table_agrees_with_unsupported_reason():
+    """`unsupported_reason` refuses exactly the compile gate's cases that do not compile clean
+    for sm_90a (`experiments/compile_gate.py` records that in `GateCase.accepted`), so the
+    default implementation falls back to `xla` instead of failing to compile on a GPU."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import gate_cases
+
+    wrong = [
+        (c.name, c.accepted, gate_cases.refusal(c))
+        for c in gate_cases.CASES
+        if (gate_cases.refusal(c) is None) != c.accepted
+    ]
+    assert not wrong, wrong
+    assert gate_cases.QUICK and all(c in gate_cases.BY_NAME for c in gate_cases.QUICK)
+
+
+def test_gpu_check_runs_on_tiny_shapes():
+    """`experiments/gpu_check.py`'s op benchmark on CPU (interpret mode), one tiny case: every
+    implementation runs forward and backward, and the dense mask is the spec's."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import gpu_check
+
+    rows = gpu_check.bench_ops({"tiny": (1, (6, 7), 2, 8, 3, 1, True)}, reps=1)
+    assert {(r["impl"], r["mode"]) for r in rows if "time_us" in r} == {
+        (i, m) for i in gpu_check.IMPLS for m in ("fwd", "fwd_bwd")
+    }
+    assert all(r["vs_dense"] > 0 for r in rows)
+    assert gpu_check.floor_bytes((2, 3, 4), 2, True) == 11 * 2 * 24
+
+
 def test_tile_config_validation():
     assert NATileConfig(block_q=(8, 8)).num_warps == 4
     for bad in [dict(block_q=(8, 6)), dict(block_q=(2, 4)), dict(block_q=(32, 32)),
@@ -123,11 +155,16 @@ def test_tile_config_validation():
     for ndim, kernel in ((1, 7), (2, 7), (2, 13), (3, 3), (3, 11)):
         params = make_params(ndim, (32,) * ndim, 64, kernel, 1, False, None)
         config = default_config(params, 64, jnp.bfloat16)
-        assert len(config.block_q) == ndim
+        assert {len(c.block_q) for c in (config.fwd, config.dq, config.dkv)} == {ndim}
     q = jnp.zeros((1, 8, 8, 1, 16))
     params = make_params(2, (8, 8), 16, 3, 1, False, None)
-    with pytest.raises(ValueError, match="block_q"):
+    with pytest.raises(ValueError, match="tiles must have 2 entries"):
         na_pallas(q, q, q, None, params, config=NATileConfig(block_q=(16,)))
+    with pytest.raises(ValueError, match="same rank"):
+        NAPallasConfig(NATileConfig((16,)), NATileConfig((4, 4)), NATileConfig((16,)))
+    rpb = jnp.zeros((1, 5, 5))
+    with pytest.raises(ValueError, match="Tz == 1 and Ty >= 16"):  # the d_rpb matmul's rows
+        na_pallas(q, q, q, rpb, params, config=NATileConfig(block_q=(4, 4)))
 
 
 @pytest.mark.gpu

@@ -37,22 +37,29 @@ all-gather; the bias gradient's batch sum is the only collective).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from natjax.ops.na.pallas_kernels import (
+    LOG2E,
     Geometry,
+    bias_table,
     dkv_kernel,
     dq_kernel,
+    drpb_from_partials,
     forward_kernel,
     make_geometry,
+    tables,
 )
-from natjax.ops.na.pallas_tuning import NATileConfig, default_config
+from natjax.ops.na.pallas_tuning import NAPallasConfig, NATileConfig, default_config
 from natjax.ops.na.partition import batch_head_parallel
 from natjax.ops.na.spec import NAParams
 from natjax.ops.na.vjp import na_custom_vjp
@@ -62,71 +69,111 @@ _MAX_HEAD_DIM = 128
 _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The three kernels' geometries of one call (the custom VJP's static argument)."""
+
+    fwd: Geometry
+    dq: Geometry
+    dkv: Geometry
+
+
 # --------------------------------------------------------------------------------------------
-# pallas_call wrappers on the [B, N, h, Dp] layout.
+# pallas_call wrappers on the [B, N, h, Dp] layout; grid (tiles, heads, batch), tiles fastest.
 # --------------------------------------------------------------------------------------------
 
 
 def _x_spec(geo):
-    return pl.BlockSpec((None, geo.n, None, geo.head_dim), lambda b, h, p: (b, 0, h, 0))
+    return pl.BlockSpec((None, geo.n, None, geo.head_dim), lambda p, h, b: (b, 0, h, 0))
 
 
 def _row_spec(geo):
-    return pl.BlockSpec((None, geo.n, None), lambda b, h, p: (b, 0, h))
+    return pl.BlockSpec((None, geo.n, None), lambda p, h, b: (b, 0, h))
 
 
-def _rpb_spec(geo):
-    return pl.BlockSpec((None, geo.rpb_len), lambda b, h, p: (h, 0))
+def _head_spec(length: int, per_head: bool):
+    """A `[h, length]` operand read whole per head (or the one shared row)."""
+    if per_head:
+        return pl.BlockSpec((None, length), lambda p, h, b: (h, 0))
+    return pl.BlockSpec((None, length), lambda p, h, b: (0, 0))
 
 
 def _call(kernel, geo, name, in_specs, out_specs, out_shape, grid):
-    return pl.pallas_call(
-        functools.partial(kernel, geo=geo),
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=geo.num_warps, num_stages=geo.num_stages),
-        interpret=geo.interpret,
-        name=name,
-    )
+    def build(interpret):
+        return pl.pallas_call(
+            functools.partial(kernel, geo=geo),
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            out_shape=out_shape,
+            compiler_params=plgpu.CompilerParams(
+                num_warps=geo.num_warps, num_stages=geo.num_stages
+            ),
+            interpret=interpret,
+            name=name,
+        )
+
+    if geo.force_interpret is not None:
+        return build(geo.force_interpret)
+    # Compiled Triton kernels when lowering for CUDA, interpret mode for any other platform:
+    # decided at lowering time (so a CPU host can compile for a GPU target, and vice versa).
+    return lambda *args: lax.platform_dependent(*args, cuda=build(False), default=build(True))
 
 
-def _forward_call(geo: Geometry, q, k, v, rpb):
+def _table_operands(geo: Geometry, rpb_rows, heads: int):
+    """The mask/bias table `[h, T]` (float32) and the int32 meta tables `[h, M]` of a query-tile
+    kernel. Built outside the kernels' partitioned op (which may not close over constants) and
+    passed per head like the bias; without a bias both are broadcasts of one row."""
+    table = bias_table(geo, rpb_rows if geo.has_rpb else None)
+    table = jnp.broadcast_to(table, (heads, table.shape[1]))
+    meta = np.asarray(tables(geo).meta)
+    meta = jnp.broadcast_to(jnp.asarray(meta), (heads, meta.size))
+    return table, meta
+
+
+def _table_specs(geo: Geometry):
+    tab = tables(geo)
+    return [_head_spec(tab.table_len, True), _head_spec(tab.meta.size, True)]
+
+
+def _forward_call(geo: Geometry, q, k, v, table, meta):
     b, n, h, dp = q.shape
-    specs = [_x_spec(geo)] * 3 + ([_rpb_spec(geo)] if geo.has_rpb else [])
-    args = (q, k, v) + ((rpb,) if geo.has_rpb else ())
     out, lse = _call(
-        forward_kernel, geo, "na_pallas_fwd", specs, [_x_spec(geo), _row_spec(geo)],
+        forward_kernel, geo, "na_pallas_fwd", [_x_spec(geo)] * 3 + _table_specs(geo),
+        [_x_spec(geo), _row_spec(geo)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h), jnp.float32)],
-        (b, h, geo.programs),
-    )(*args)  # fmt: skip
+        (geo.programs, h, b),
+    )(q, k, v, table, meta)  # fmt: skip
     return out, lse
 
 
-def _backward_call(geo: Geometry, q, k, v, rpb, do, lse, di):
+def _dq_call(geo: Geometry, q, k, v, table, meta, do, lse, di):
     b, n, h, dp = q.shape
-    base = [_x_spec(geo)] * 3 + ([_rpb_spec(geo)] if geo.has_rpb else [])
-    specs = base + [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
-    args = (q, k, v) + ((rpb,) if geo.has_rpb else ()) + (do, lse, di)
-    grid = (b, h, geo.programs)
-    dq_specs = [_x_spec(geo)]
-    dq_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
+    specs = [_x_spec(geo)] * 3 + _table_specs(geo) + [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
+    out_specs = [_x_spec(geo)]
+    out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if geo.has_rpb:
-        dq_specs.append(
-            pl.BlockSpec((None, None, None, *geo.drpb_shape), lambda b, h, p: (b, h, p, 0, 0))
-        )
-        dq_shapes.append(jax.ShapeDtypeStruct((b, h, geo.programs, *geo.drpb_shape), jnp.float32))
-    dq_out = _call(dq_kernel, geo, "na_pallas_dq", specs, dq_specs, dq_shapes, grid)(*args)
+        eo, ex = geo.drpb_block
+        out_specs.append(pl.BlockSpec((None, None, eo, ex), lambda p, h, b: (b, h, p, 0)))
+        out_shapes.append(jax.ShapeDtypeStruct((b, h, geo.programs * eo, ex), jnp.float32))
+    res = _call(dq_kernel, geo, "na_pallas_dq", specs, out_specs, out_shapes,
+                (geo.programs, h, b))(q, k, v, table, meta, do, lse, di)  # fmt: skip
+    return res[0], (res[1] if geo.has_rpb else None)
+
+
+def _dkv_call(geo: Geometry, q, k, v, rpb_rows, do, lse, di):
+    b, n, h, dp = q.shape
+    base = [_x_spec(geo)] * 3 + ([_head_spec(geo.rpb_len, True)] if geo.has_rpb else [])
+    specs = base + [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
+    # The dk/dv kernel reads the bias directly, pre-scaled to log2 units.
+    rpb2 = (rpb_rows.astype(jnp.float32) * LOG2E,) if geo.has_rpb else ()
+    args = (q, k, v) + rpb2 + (do, lse, di)
     dk, dv = _call(
         dkv_kernel, geo, "na_pallas_dkv", specs, [_x_spec(geo)] * 2,
-        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)], grid,
+        [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        (geo.programs, h, b),
     )(*args)  # fmt: skip
-    dq = dq_out[0]
-    drpb = None
-    if geo.has_rpb:
-        drpb = jnp.sum(dq_out[1], axis=2)  # [B, h, r_outer, r_x]: summed over programs
-    return dq, dk, dv, drpb
+    return dk, dv
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,44 +194,37 @@ def _from_rows(x, like):
     return x[..., : like.shape[-1]].reshape(like.shape)
 
 
-def _rpb_rows(rpb, geo: Geometry):
-    return rpb.reshape(rpb.shape[0], geo.rpb_len)
+def _rows_forward(plan: Plan, q, k, v, table, meta):
+    return _forward_call(plan.fwd, q, k, v, table, meta)
 
 
-def _drpb_unpack(drpb, rpb, geo: Geometry):
-    """`[h, r_outer_pad, r_x_pad]` bins -> `rpb`'s shape."""
-    d = drpb[:, : geo.rpb_outer, : 2 * geo.axes[2].kernel - 1]
-    return d.reshape(rpb.shape).astype(rpb.dtype)
-
-
-def _rows_forward(geo: Geometry, q, k, v, rpb):
-    return _forward_call(geo, q, k, v, rpb if geo.has_rpb else None)
-
-
-def _rows_backward(geo: Geometry, q, k, v, rpb, do, lse, di):
-    dq, dk, dv, drpb = _backward_call(geo, q, k, v, rpb if geo.has_rpb else None, do, lse, di)
-    if drpb is None:  # keep one result structure; a [B, h, 1, 1] zero is free
-        drpb = jnp.zeros((q.shape[0], q.shape[2], 1, 1), jnp.float32)
-    return dq, dk, dv, drpb
+def _rows_backward(plan: Plan, q, k, v, rpb_rows, table, meta, do, lse, di):
+    dq, e = _dq_call(plan.dq, q, k, v, table, meta, do, lse, di)
+    dk, dv = _dkv_call(plan.dkv, q, k, v, rpb_rows, do, lse, di)
+    if e is None:  # keep one result structure; a [B, h, 1, 1] zero is free
+        e = jnp.zeros((q.shape[0], q.shape[2], 1, 1), jnp.float32)
+    return dq, dk, dv, e
 
 
 def _rpb_operand(rpb, geo: Geometry, heads: int):
     """The bias as `[h, R]`; a `[h, 1]` placeholder without one (keeps the op signature fixed)."""
     if rpb is None:
         return jnp.zeros((heads, 1), jnp.float32)
-    return _rpb_rows(rpb, geo)
+    return rpb.reshape(rpb.shape[0], geo.rpb_len)
 
 
-def _na_forward(geo: Geometry, q, k, v, rpb):
-    op = batch_head_parallel(_rows_forward, geo, ("x", "x", "x", "rpb"), ("x", "row"))
+def _na_forward(plan: Plan, q, k, v, rpb):
+    op = batch_head_parallel(_rows_forward, plan, ("x", "x", "x", "rpb", "rpb"), ("x", "row"))
+    geo = plan.fwd
+    rows = None if rpb is None else _rpb_operand(rpb, geo, q.shape[-2])
     out, lse = op(
         _to_rows(q, geo), _to_rows(k, geo), _to_rows(v, geo),
-        _rpb_operand(rpb, geo, q.shape[-2]),
+        *_table_operands(geo, rows, q.shape[-2]),
     )  # fmt: skip
     return _from_rows(out, q), lse.reshape(q.shape[:-1])
 
 
-def _na_bwd(geo, res, cts):
+def _na_bwd(plan: Plan, res, cts):
     q, k, v, rpb, out, lse = res
     d_out, d_lse = cts
     d_out = d_out.astype(q.dtype)
@@ -192,16 +232,22 @@ def _na_bwd(geo, res, cts):
     di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
     di = di - d_lse.astype(jnp.float32)
     b, h = q.shape[0], q.shape[-2]
-    op = batch_head_parallel(
-        _rows_backward, geo, ("x", "x", "x", "rpb", "x", "row", "row"), ("x", "x", "x", "drpb")
-    )
-    dq, dk, dv, drpb = op(
-        _to_rows(q, geo), _to_rows(k, geo), _to_rows(v, geo), _rpb_operand(rpb, geo, h),
+    geo = plan.dq
+    kinds = ("x", "x", "x", "rpb", "rpb", "rpb", "x", "row", "row")
+    op = batch_head_parallel(_rows_backward, plan, kinds, ("x", "x", "x", "drpb"))
+    rows = _rpb_operand(rpb, geo, h)
+    dq, dk, dv, e = op(
+        _to_rows(q, geo), _to_rows(k, geo), _to_rows(v, geo), rows,
+        *_table_operands(geo, None if rpb is None else rows, h),
         _to_rows(d_out, geo), lse.reshape(b, geo.n, h), di.reshape(b, geo.n, h),
     )  # fmt: skip
     dq, dk, dv = (_from_rows(g, x) for g, x in ((dq, q), (dk, k), (dv, v)))
-    # Sum the per-batch partials (an all-reduce when the batch is sharded).
-    drpb = None if rpb is None else _drpb_unpack(jnp.sum(drpb, axis=0), rpb, geo)
+    drpb = None
+    if rpb is not None:
+        # Sum the per-batch partials (an all-reduce when the batch is sharded), then map the
+        # per-program partials to bias bins.
+        drpb = drpb_from_partials(geo, jnp.sum(e, axis=0))
+        drpb = drpb.reshape(rpb.shape).astype(rpb.dtype)
     return dq, dk, dv, drpb
 
 
@@ -240,16 +286,23 @@ def unsupported_reason(shape, dtype, params: NAParams, has_rpb: bool) -> str | N
     return None
 
 
-def na_pallas(q, k, v, rpb, params: NAParams, config: NATileConfig | None = None, interpret=None):
+def na_pallas(
+    q, k, v, rpb, params: NAParams, config: NAPallasConfig | NATileConfig | None = None,
+    interpret=None,
+    check: bool = True,
+):  # fmt: skip
     """Fused neighborhood attention (Pallas/Triton; interpret mode off-GPU).
 
     Args:
       q, k, v: `[batch, *spatial, heads, head_dim]`, float16/bfloat16/float32.
       rpb: `[heads, *(2K-1)]` or None.
       params: validated window arguments.
-      config: tile configuration; `default_config(...)` when None.
-      interpret: force Pallas interpret mode on/off; None = interpret unless on a GPU (False
-        on a CPU host is only useful to lower for CUDA, e.g. to check the Triton lowering).
+      config: tiles per kernel (`NAPallasConfig`), one `NATileConfig` for all three, or None
+        for `default_config(...)`.
+      interpret: force Pallas interpret mode on/off; None = chosen when lowering (compiled
+        Triton kernels for `cuda`, interpret mode elsewhere), so a CPU host can compile for a GPU.
+      check: False skips `unsupported_reason` (only for `experiments/compile_gate.py
+        --ignore-refusals`, which compiles refused calls to re-derive the limits).
 
     Returns:
       (out in q's dtype, lse `[batch, *spatial, heads]` float32).
@@ -257,19 +310,24 @@ def na_pallas(q, k, v, rpb, params: NAParams, config: NATileConfig | None = None
     Raises:
       ValueError: if `unsupported_reason` rejects the call or the config does not match it.
     """
-    reason = unsupported_reason(q.shape, q.dtype, params, rpb is not None)
+    reason = unsupported_reason(q.shape, q.dtype, params, rpb is not None) if check else None
     if reason is not None:
         raise ValueError(f"na_pallas: {reason}.")
     if config is None:
-        config = default_config(params, q.shape[-1], q.dtype)
-    if len(config.block_q) != params.ndim:
+        config = default_config(params, q.shape[-1], q.dtype, rpb is not None)
+    elif isinstance(config, NATileConfig):
+        config = NAPallasConfig.same(config)
+    if len(config.fwd.block_q) != params.ndim:
         raise ValueError(
-            f"na_pallas: `config.block_q` must have {params.ndim} entries for a "
-            f"{params.ndim}-D call, got {config.block_q!r}."
+            f"na_pallas: `config` tiles must have {params.ndim} entries for a "
+            f"{params.ndim}-D call, got {config.fwd.block_q!r}."
         )
-    geo = make_geometry(
-        tuple(q.shape[1:-2]), params, q.shape[-1], rpb is not None, config, interpret
-    )
+    spatial, head_dim, has_rpb = tuple(q.shape[1:-2]), q.shape[-1], rpb is not None
+    plan = Plan(*(
+        make_geometry(spatial, params, head_dim, has_rpb, c, interpret)
+        for c in (config.fwd, config.dq, config.dkv)
+    ))  # fmt: skip
+    plan.dq.check("dq")
     if rpb is not None:
         rpb = rpb.astype(jnp.float32) if rpb.dtype == jnp.float64 else rpb
-    return _na(geo, q, k, v, rpb)
+    return _na(plan, q, k, v, rpb)

@@ -72,29 +72,78 @@ class NATileConfig:
             )
 
 
-def default_config(params: NAParams, head_dim: int, dtype) -> NATileConfig:
-    """Heuristic tile for one call.
+@dataclasses.dataclass(frozen=True)
+class NAPallasConfig:
+    """One `NATileConfig` per kernel: forward, dq (and d_rpb), dk/dv.
 
-    The last axis is the vector axis: a tile row of `Tx` queries needs a key row of
-    `next_pow2(Tx + K - 1)` keys, so `Tx` is chosen to waste little of that power of two
-    (e.g. `Tx = 8` for K <= 9 gives 16-key rows; K = 11, 13 use `Tx = 16` with 32-key rows).
+    The kernels have different register budgets (the forward keeps one accumulator, dq two plus
+    the bias-gradient partial, dk/dv two), so their tiles are chosen apart.
+    """
+
+    fwd: NATileConfig
+    dq: NATileConfig
+    dkv: NATileConfig
+
+    def __post_init__(self):
+        ranks = {len(c.block_q) for c in (self.fwd, self.dq, self.dkv)}
+        if len(ranks) != 1:
+            raise ValueError(
+                f"`fwd`, `dq` and `dkv` tiles must have the same rank, got {self.fwd.block_q}, "
+                f"{self.dq.block_q} and {self.dkv.block_q}."
+            )
+
+    @classmethod
+    def same(cls, config: NATileConfig) -> NAPallasConfig:
+        """The same tile for all three kernels."""
+        return cls(config, config, config)
+
+
+def _warps(head_dim: int) -> int:
+    return 4 if head_dim <= 64 else 8
+
+
+def default_config(params: NAParams, head_dim: int, dtype, has_rpb: bool = True) -> NAPallasConfig:
+    """Tiles per kernel, chosen with the compile gate (`experiments/compile_gate.py`: no spills,
+    >= 2 resident blocks per SM where the table allows it); not yet timed on a GPU.
+
+    * forward: one halo row (`next_pow2(Tx + Kx - 1)` keys, >= 16) per step; `Tx` grows with the
+      head dim so that the per-step rescale of the `[tile, head_dim]` accumulator stays at about
+      two operations per score;
+    * dq with a bias: `Tz * Ty = 16` query rows (the d_rpb matmul contracts over them) and a
+      narrow `Tx = 4` (16-key rows for every kernel size up to 13);
+    * dk/dv: the forward's tile, halved in x for float32 (IEEE float32 dots hold more registers).
 
     Args:
       params: the call's window arguments.
       head_dim: size of the head dimension (before padding).
-      dtype: input dtype; not used yet (no GPU measurements to tune per-dtype tiles from),
-        kept so that callers need not change when it is.
+      dtype: input dtype.
+      has_rpb: whether a bias is given (changes the dq tile).
 
     Returns:
-      A validated `NATileConfig`.
+      A validated `NAPallasConfig`.
     """
-    del dtype
-    k_last = params.kernel_size[-1]
+    f32 = str(dtype) == "float32" or getattr(dtype, "name", "") == "float32"
+    wide = head_dim > 64
     if params.ndim == 1:
-        block = (64,)
+        fwd = (32,) if not f32 else (16,)
+        dq = fwd
+        dkv = (32,) if not f32 else (16,)
     elif params.ndim == 2:
-        block = (8, 8) if k_last <= 9 else (4, 16)
+        fwd = (2, 32) if wide else (8, 8)
+        if f32:
+            fwd = (4, 8)
+        dq = (16, 4) if has_rpb else fwd
+        dkv = (4, 8) if f32 else (8, 8)
     else:
-        block = (2, 4, 8) if k_last <= 9 else (1, 4, 16)
-    num_warps = 4 if head_dim <= 64 else 8
-    return NATileConfig(block_q=block, num_warps=num_warps, num_stages=2)
+        fwd = (1, 2, 32) if wide else (2, 4, 8)
+        if f32:
+            fwd = (1, 4, 8)
+        dq = (1, 16, 4) if has_rpb else fwd
+        dkv = (1, 4, 8) if f32 else (2, 4, 8)
+    warps = _warps(head_dim)
+    make = lambda block, kps=64, stages=2: NATileConfig(block, warps, stages, kps)  # noqa: E731
+    # dk/dv: fewer queries per step for float32 (IEEE dots) and head_dim 128.
+    if f32 and wide:  # IEEE float32 dots at head_dim 128: the smallest dk/dv steps
+        dkv = {1: (16,), 2: (2, 8), 3: (1, 2, 8)}[params.ndim]
+    kps = (16 if wide else 32) if f32 else (32 if wide else 64)
+    return NAPallasConfig(fwd=make(fwd), dq=make(dq), dkv=make(dkv, kps, 1))
