@@ -10,7 +10,7 @@ import pytest
 from na_base import NABackendTests, loss_and_grads, make_inputs
 
 import natjax
-from natjax.ops.na import api
+from natjax.ops.na import ffi, platform
 from natjax.ops.na.spec import make_params
 
 
@@ -25,6 +25,15 @@ class TestReference(NABackendTests):
     property_seeds = ()  # comparing the reference with itself proves nothing
     dtype_seeds = (3,)
     test_sharding = True
+
+
+@pytest.fixture
+def band_only(monkeypatch):
+    """`implementation="xla"` traces both platform branches; these contracts are the CPU band
+    path's (the tiled accelerator path has its own tests in test_na_xla_tiled.py)."""
+    from natjax.ops.na import api
+
+    monkeypatch.setitem(api._BACKENDS, "xla", ("natjax.ops.na.xla", "na_xla"))
 
 
 def _intermediate_sizes(fn, *args):
@@ -51,7 +60,7 @@ def _intermediate_sizes(fn, *args):
         ((200,), (7,), (3,), (False,), 2.0),  # 1-D: key halos of tiles are < 2x the keys
     ],
 )
-def test_xla_materialises_nothing_quadratic(spatial, kernel, dilation, causal, bound):
+def test_xla_materialises_nothing_quadratic(spatial, kernel, dilation, causal, bound, band_only):
     """Forward and backward never build `N x N` arrays or per-query key/value copies: nothing
     larger than the `[B, h, N, kernel_volume]` logits or the inputs (x `bound` for 1-D, whose
     tiles' key halos are up to twice the keys when the kernel is small)."""
@@ -73,7 +82,7 @@ def test_xla_materialises_nothing_quadratic(spatial, kernel, dilation, causal, b
     assert biggest[0] < batch * n * math.prod(kernel) * heads * head_dim
 
 
-def test_xla_backward_has_no_scatter_or_gather():
+def test_xla_backward_has_no_scatter_or_gather(band_only):
     """The backward uses the forward's offset pattern (slices, pads, matmuls), not scatters."""
     shape = (1, 12, 11, 2, 8)
     q = jnp.ones(shape)
@@ -100,21 +109,17 @@ def test_default_implementation_on_cpu(
     """None on CPU: the native kernels when installed, except near-dense windows; there (and
     without them) dense attention for small maps, else xla (both measured faster there). Every
     choice gives the same result."""
-    if ffi_installed and api._unsupported_reason("ffi", jnp.zeros((1, 8, 2, 4)),
-                                                 make_params(1, (8,), 4, 3, 1, False, None),
-                                                 False) is not None:  # fmt: skip
+    if ffi_installed and ffi.unsupported_reason((1, 8, 2, 4), jnp.float32,
+                                                make_params(1, (8,), 4, 3, 1, False, None),
+                                                False) is not None:  # fmt: skip
         pytest.skip("natjax-ffi is not installed")
     if not ffi_installed:
-        real = api._unsupported_reason
-        monkeypatch.setattr(
-            api, "_unsupported_reason",
-            lambda name, *a: "not installed" if name == "ffi" else real(name, *a),
-        )  # fmt: skip
+        monkeypatch.setattr(ffi, "unsupported_reason", lambda *a: "not installed")
     want = with_ffi if ffi_installed else without_ffi
     shape = (1, *spatial, 2, 8)
     q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
     params = make_params(len(spatial), spatial, 8, kernel, dilation, False, None)
-    assert api._default_implementation(q, params, True) == want
+    assert platform.cpu_choice(q, params, True) == want
     if math.prod(spatial) > 400:
         return  # the choice is what is tested here; large maps are compared elsewhere
     fn = getattr(natjax, f"na{len(spatial)}d")

@@ -4,7 +4,8 @@
 normalise the window arguments into a hashable `NAParams`, and dispatch to one backend:
 
   * ``"reference"``: dense masked attention (the spec; tests and tiny inputs only);
-  * ``"xla"``: the portable path with a hand-written custom VJP (CPU, GPU, TPU);
+  * ``"xla"``: the portable path with a hand-written custom VJP: the band formulation on CPU,
+    the blocked-halo tiles (``"xla_tiled"``, selectable on any platform) on GPU and TPU;
   * ``"pallas"``: the fused GPU kernel (runs in interpret mode on CPU), where installed.
 
 Every backend has the signature ``fn(q, k, v, rpb, params) -> (out, lse)``.
@@ -13,11 +14,8 @@ Every backend has the signature ``fn(q, k, v, rpb, params) -> (out, lse)``.
 from __future__ import annotations
 
 import importlib
-import math
-import warnings
 from collections.abc import Callable
 
-import jax
 import jax.numpy as jnp
 
 from natjax.ops.na.spec import NAParams, make_params
@@ -25,13 +23,13 @@ from natjax.ops.na.spec import NAParams, make_params
 # name -> (module, function). Imported lazily so that e.g. Pallas is only loaded when used.
 _BACKENDS: dict[str, tuple[str, str]] = {
     "reference": ("natjax.ops.na.reference", "na_reference"),
-    "xla": ("natjax.ops.na.xla", "na_xla"),
+    "xla": ("natjax.ops.na.platform", "na_xla"),  # band on CPU, tiled on GPU/TPU
+    "xla_tiled": ("natjax.ops.na.xla_tiled", "na_xla_tiled"),
     "pallas": ("natjax.ops.na.pallas_triton", "na_pallas"),
     "ffi": ("natjax.ops.na.ffi", "na_ffi"),
 }
 IMPLEMENTATIONS = tuple(_BACKENDS)
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
-_warned: set[str] = set()
 
 
 def _backend(name: str) -> Callable:
@@ -44,60 +42,6 @@ def _unsupported_reason(name: str, q, params: NAParams, has_rpb: bool) -> str | 
     module = importlib.import_module(_BACKENDS[name][0])
     check = getattr(module, "unsupported_reason", None)
     return None if check is None else check(q.shape, q.dtype, params, has_rpb)
-
-
-# On CPU, dense attention over a small map beats the neighborhood path's fixed costs:
-# experiments/bench_na.py measured dense 3x faster at 14x14 (N=196, kernel 7), equal at 7x7 and
-# 2x slower at 28x28 (N=784). Below this size and this ratio to the kernel volume, None -> dense.
-DENSE_MAX_TOKENS = 256
-DENSE_MAX_TOKENS_PER_KERNEL_ELEMENT = 8
-
-
-# On CPU the native kernels (natjax-ffi, when installed) beat xla and dense on every case of
-# `python experiments/bench_ffi.py` (forward and forward+backward, 2.1-15x) except where one
-# window covers most of its dilation group (NAT's 7x7 last stage with kernel 7: ffi 0.54x xla
-# forward; DiNAT's dilation 8 at 56x56: 0.83x; 8x8 with kernel 7: 0.60x dense fwd+bwd). There
-# the attention is nearly dense and XLA's matmuls win, so above this fraction the rule below
-# keeps dense/xla.
-FFI_MAX_WINDOW_FRACTION = 0.5
-
-
-def _ffi_preferred(q, params: NAParams, has_rpb: bool) -> bool:
-    """Whether `None` should run this CPU call on the native kernels."""
-    group = math.prod(
-        -(-n // d) for n, d in zip(q.shape[1:-2], params.dilation, strict=True)
-    )  # the largest dilation group's size
-    if params.kernel_volume > FFI_MAX_WINDOW_FRACTION * group:
-        return False
-    return _unsupported_reason("ffi", q, params, has_rpb) is None
-
-
-def _default_implementation(q, params: NAParams, has_rpb: bool) -> str:
-    """`pallas` on NVIDIA GPUs when it supports the call; on CPU the native `ffi` kernels when
-    installed (except near-dense windows), else the dense `reference` for small maps; `xla`
-    everywhere else."""
-    if jax.default_backend() == "cpu":
-        if _ffi_preferred(q, params, has_rpb):
-            return "ffi"
-        n = math.prod(q.shape[1:-2])
-        small = n <= DENSE_MAX_TOKENS and n <= DENSE_MAX_TOKENS_PER_KERNEL_ELEMENT * (
-            params.kernel_volume
-        )
-        return "reference" if small else "xla"
-    if jax.default_backend() != "gpu":
-        return "xla"
-    try:
-        reason = _unsupported_reason("pallas", q, params, has_rpb)
-    except ImportError as err:  # Pallas/Triton missing from this jaxlib build.
-        reason = f"Pallas is unavailable ({err})"
-    if reason is None:
-        return "pallas"
-    if reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(
-            f"natjax: falling back to the 'xla' neighborhood attention: {reason}", stacklevel=4
-        )
-    return "xla"
 
 
 def _check_inputs(ndim: int, query, key, value, rpb) -> None:
@@ -148,8 +92,12 @@ def _neighborhood_attention(
                 f"got {tuple(rpb.shape)}."
             )
     if impl is None:
-        impl = _default_implementation(query, params, rpb is not None)
-    elif impl not in _BACKENDS:
+        # Chosen per lowering platform (platform.py), never from the host's default backend.
+        from natjax.ops.na.platform import na_default
+
+        out, lse = na_default(query, key, value, rpb, params)
+        return (out, lse) if return_lse else out
+    if impl not in _BACKENDS:
         raise ValueError(
             f"na{ndim}d: unknown `implementation` {impl!r}; expected None or one of "
             f"{', '.join(repr(n) for n in IMPLEMENTATIONS)}."
@@ -180,7 +128,8 @@ _DOC = """Neighborhood attention over {n} spatial axis(es) with NATTEN <= 0.17 s
       scale: factor on `q.k`; default `head_dim ** -0.5`.
       return_lse: also return the log-sum-exp of the logits, `[batch, {axes}, heads]`, float32
         (float64 for float64 inputs).
-      implementation: None (fastest available), "xla", "reference" or "pallas".
+      implementation: None (fastest for the platform the program is lowered for), "xla",
+        "xla_tiled", "reference", "pallas" or "ffi".
 
     Returns:
       `[batch, {axes}, heads, head_dim]` in the input dtype, and the lse if `return_lse`.

@@ -76,6 +76,41 @@ def _unfold(x, kind: str, size: int):
     return jnp.moveaxis(x, axis, 0)
 
 
+def explicit_batch_head_map(
+    fn: Callable, kinds_in: Sequence[str], kinds_out: Sequence[str], *args
+) -> tuple:
+    """Runs `fn(*args) -> tuple` per (batch, head) shard when `args[0]` carries an explicit mesh.
+
+    With explicit axes (`jax.make_mesh`'s default) the sharding is part of the array types, and
+    neither `pallas_call` nor reshapes that split a sharded array's axes accept that; a
+    `shard_map` over the batch/head mesh axes gives `fn` local, unsharded arrays. Without an
+    explicit mesh, `fn(*args)` is called as is.
+
+    Args:
+      fn: the per-shard computation on arrays of the given kinds (module docstring).
+      kinds_in, kinds_out: kind of each operand / result.
+      *args: the operands; the first is an "x".
+
+    Returns:
+      The tuple of results.
+    """
+    explicit = _explicit_mesh(args[0])
+    if explicit is None:
+        return tuple(fn(*args))
+    mesh, batch, head = explicit
+    in_specs = tuple(_spec(k, batch, head) for k in kinds_in)
+    out_specs = tuple(_spec(k, batch, head) for k in kinds_out)
+    args = tuple(
+        jax.sharding.reshard(a, NamedSharding(mesh, s)) for a, s in zip(args, in_specs, strict=True)
+    )
+    # check_vma=False: pallas_call out_shapes carry no varying-axes annotation.
+    mapped = jax.shard_map(
+        lambda *a: tuple(fn(*a)), mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+        check_vma=False,
+    )  # fmt: skip
+    return mapped(*args)
+
+
 def batch_head_parallel(
     op: Callable, static, kinds_in: Sequence[str], kinds_out: Sequence[str]
 ) -> Callable:
@@ -122,22 +157,9 @@ def batch_head_parallel(
     )
 
     def sharded_call(*args):
-        explicit = _explicit_mesh(args[0])
-        if explicit is None:
+        if _explicit_mesh(args[0]) is None:
             return partitioned(*args)
-        # Explicit-sharding mesh (sharding in the types): a shard_map over batch/head axes.
-        mesh, batch, head = explicit
-        in_specs = tuple(_spec(k, batch, head) for k in kinds_in)
-        out_specs = tuple(_spec(k, batch, head) for k in kinds_out)
-        args = tuple(
-            jax.sharding.reshard(a, NamedSharding(mesh, s))
-            for a, s in zip(args, in_specs, strict=True)
-        )
-        # check_vma=False: pallas_call out_shapes carry no varying-axes annotation.
-        mapped = jax.shard_map(
-            run, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False
-        )
-        return mapped(*args)
+        return explicit_batch_head_map(run, kinds_in, kinds_out, *args)
 
     @jax.custom_batching.custom_vmap
     def call(*args):

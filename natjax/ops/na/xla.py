@@ -314,10 +314,11 @@ CPU_BLOCK_ABOVE_BYTES = 32 << 20
 def _cpu_chunk(batch: int, per_item_bytes: int) -> int | None:
     """Batch items per loop step on a single-device CPU, or None for one fused pass.
 
-    Accelerators want one large pass, and multi-device programs are partitioned by GSPMD, which
-    would have to gather a batch axis that a loop scans; so only single-device CPU loops.
+    Multi-device programs are partitioned by GSPMD, which would have to gather a batch axis
+    that a loop scans; so only single-device programs loop. This band path only runs on CPU
+    (`platform.py` lowers the tiled path for accelerators), so the platform is not queried here.
     """
-    if jax.default_backend() != "cpu" or jax.device_count() > 1:
+    if jax.device_count() > 1:
         return None
     if batch * per_item_bytes <= CPU_BLOCK_ABOVE_BYTES:
         return None

@@ -1,0 +1,152 @@
+"""Per-platform choices of the neighborhood-attention op, made when the program is lowered.
+
+`jax.default_backend()` at trace time describes the host, not the target: a program exported
+(`jax.export`) or compiled ahead of time for a GPU or TPU from a CPU host would get the CPU
+choices. Everything here uses `jax.lax.platform_dependent`, whose branches are all traced but of
+which only the lowering platform's branch is lowered and compiled:
+
+  * `na_xla` (`implementation="xla"`): the band formulation (`xla.py`, fastest on CPU) on CPU,
+    the blocked-halo formulation (`xla_tiled.py`) on GPU and TPU. Both share one custom VJP with
+    the residual contract of `vjp.py` (`q, k, v, rpb, out, lse`), so the forward and the backward
+    each pick their platform's half and nothing is differentiated through a conditional.
+  * `na_default` (`implementation=None`): on CPU dense attention for small maps (measured faster)
+    and the band path otherwise; on CUDA the Pallas kernel when it supports the call, else the
+    tiled path; elsewhere the tiled path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+
+import jax
+
+from natjax.ops.na import xla as band
+from natjax.ops.na import xla_tiled
+from natjax.ops.na.spec import NAParams
+from natjax.ops.na.vjp import na_custom_vjp
+
+# On CPU, dense attention over a small map beats the neighborhood path's fixed costs:
+# experiments/bench_na.py measured dense 3x faster at 14x14 (N=196, kernel 7), equal at 7x7 and
+# 2x slower at 28x28 (N=784). Below this size and this ratio to the kernel volume, None -> dense.
+DENSE_MAX_TOKENS = 256
+DENSE_MAX_TOKENS_PER_KERNEL_ELEMENT = 8
+_warned: set[str] = set()
+
+
+def cpu_prefers_dense(spatial: tuple[int, ...], params: NAParams) -> bool:
+    """Whether `implementation=None` uses dense attention on CPU for this map."""
+    n = math.prod(spatial)
+    return n <= DENSE_MAX_TOKENS and n <= DENSE_MAX_TOKENS_PER_KERNEL_ELEMENT * params.kernel_volume
+
+
+# On CPU the native kernels (natjax-ffi, when installed) beat xla and dense on every case of
+# `python experiments/bench_ffi.py` (forward and forward+backward, 2.1-15x) except where one
+# window covers most of its dilation group (NAT's 7x7 last stage with kernel 7: ffi 0.54x xla
+# forward; DiNAT's dilation 8 at 56x56: 0.83x; 8x8 with kernel 7: 0.60x dense fwd+bwd). There
+# the attention is nearly dense and XLA's matmuls win, so above this fraction dense/xla stay.
+FFI_MAX_WINDOW_FRACTION = 0.5
+
+
+def cpu_choice(q, params: NAParams, has_rpb: bool) -> str:
+    """The CPU backend of `implementation=None`: "ffi", "reference" (dense) or "xla".
+
+    Args:
+      q: the query (shape and dtype are read).
+      params: validated window arguments.
+      has_rpb: whether a bias is given.
+
+    Returns:
+      The backend name.
+    """
+    spatial = tuple(q.shape[1:-2])
+    group = math.prod(-(-n // d) for n, d in zip(spatial, params.dilation, strict=True))
+    if params.kernel_volume <= FFI_MAX_WINDOW_FRACTION * group:
+        from natjax.ops.na import ffi
+
+        if ffi.unsupported_reason(q.shape, q.dtype, params, has_rpb) is None:
+            return "ffi"
+    return "reference" if cpu_prefers_dense(spatial, params) else "xla"
+
+
+def _forward(static, q, k, v, rpb):
+    params, tiles = static
+    return jax.lax.platform_dependent(
+        q, k, v, rpb,
+        cpu=lambda *a: band._forward(params, *a),
+        default=lambda *a: xla_tiled._forward((params, tiles), *a),
+    )  # fmt: skip
+
+
+def _backward(static, res, cts):
+    params, tiles = static
+    return jax.lax.platform_dependent(
+        res, cts,
+        cpu=lambda r, c: band._backward(params, r, c),
+        default=lambda r, c: xla_tiled._backward((params, tiles), r, c),
+    )  # fmt: skip
+
+
+_na = na_custom_vjp(_forward, _backward)
+
+
+def _tiles(q, params: NAParams) -> tuple[int, ...]:
+    spatial = tuple(q.shape[1:-2])
+    return xla_tiled.choose_tiles(spatial, params, q.shape[-1], q.dtype.itemsize)
+
+
+def na_xla(q, k, v, rpb, params: NAParams):
+    """`implementation="xla"`: band formulation on CPU, blocked-halo tiles on GPU/TPU.
+
+    Args:
+      q, k, v: `[batch, *spatial, heads, head_dim]`; rpb: `[heads, *(2K-1)]` or None;
+      params: validated window arguments.
+
+    Returns:
+      (out in q's dtype, lse `[batch, *spatial, heads]` float32 / float64).
+    """
+    return _na((params, _tiles(q, params)), q, k, v, rpb)
+
+
+def _pallas_or_tiled(q, params: NAParams, has_rpb: bool):
+    """The CUDA branch of `na_default`: Pallas (compiled, not interpreted) when supported."""
+    try:
+        from natjax.ops.na import pallas_triton
+
+        reason = pallas_triton.unsupported_reason(q.shape, q.dtype, params, has_rpb)
+    except ImportError as err:  # Pallas/Triton missing from this jaxlib build.
+        reason = f"Pallas is unavailable ({err})"
+    if reason is None:
+        return functools.partial(pallas_triton.na_pallas, params=params, interpret=False)
+    # Warn only where the program will run on a GPU (the branch is traced on every host).
+    if reason not in _warned and jax.default_backend() == "gpu":
+        _warned.add(reason)
+        warnings.warn(
+            f"natjax: falling back to the 'xla' neighborhood attention: {reason}", stacklevel=5
+        )
+    return functools.partial(xla_tiled.na_xla_tiled, params=params)
+
+
+def na_default(q, k, v, rpb, params: NAParams):
+    """`implementation=None`: the fastest implementation of the lowering platform.
+
+    Args and Returns as `na_xla`.
+    """
+    from natjax.ops.na.reference import na_reference
+
+    choice = cpu_choice(q, params, rpb is not None)
+    if choice == "ffi":
+        from natjax.ops.na.ffi import na_ffi
+
+        cpu = functools.partial(na_ffi, params=params)
+    elif choice == "reference":
+        cpu = functools.partial(na_reference, params=params)
+    else:
+        cpu = functools.partial(band.na_xla, params=params)
+    return jax.lax.platform_dependent(
+        q, k, v, rpb,
+        cpu=cpu,
+        cuda=_pallas_or_tiled(q, params, rpb is not None),
+        default=functools.partial(xla_tiled.na_xla_tiled, params=params),
+    )  # fmt: skip

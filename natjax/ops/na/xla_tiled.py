@@ -1,0 +1,291 @@
+"""Neighborhood attention for accelerators in plain XLA: a blocked-halo computation.
+
+The accelerator half of `implementation="xla"` (GPU, TPU; see `platform.py`), also selectable
+everywhere as `implementation="xla_tiled"`. It uses the shared tiled formulation (`tiles.py`):
+
+1. Queries are moved to the tile-major layout `[B, G, nT, Tq, h, D]` (dilation groups `G`, query
+   tiles `nT` of `Tq` queries) by one pad + transpose; keys and values are gathered into each
+   tile's key halo `[B, G, nT, Hk, h, D]` with one static-index gather (no per-query copies: a
+   halo is shared by the `Tq` queries of its tile).
+2. Scores are one batched matmul per call, `[B, G, nT, h, Tq, Hk]`, in the input dtype with
+   float32 accumulation (`preferred_element_type`): no float32 copies of bf16 inputs, and the
+   matmul's free dimensions are whole tiles and halos (lane-dense), not 7-wide kernel rows.
+3. The mask and bias come from the per-class tables: `rpb` is gathered once per tile class
+   (`[h, C, Tq, Hk]`, C = 9 at NAT stage 1), masked with `-inf`, and broadcast to tiles by class,
+   a small batch-independent array XLA fuses into the score epilogue. Softmax is plain jnp
+   (max, exp, sum) that XLA fuses into one or two kernels.
+4. The backward (shared `vjp.py` scaffold, residuals `q, k, v, rpb, out, lse`) has the same shape:
+   it recomputes the probabilities from `lse`, forms `dq` with the halo keys, and `dk`/`dv` in
+   halo layout, scatter-added back to key positions (the transpose of the halo gather); the bias
+   gradient is summed per tile class, then per bias bin (`segment_sum` over the class table).
+
+Padded queries (partial tiles, shorter dilation groups) attend their whole halo, so nothing is
+NaN; their rows are dropped by `Tiling.from_tiles`, and their zero cotangents contribute nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from natjax.ops.na.partition import explicit_batch_head_map
+from natjax.ops.na.spec import NAParams
+from natjax.ops.na.tiles import Tiling, tiling
+from natjax.ops.na.vjp import na_custom_vjp
+
+_TILE_CANDIDATES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@functools.lru_cache(maxsize=256)
+def choose_tiles(
+    spatial: tuple[int, ...], params: NAParams, head_dim: int, itemsize: int
+) -> tuple[int, ...]:
+    """Query-tile shape minimising the estimated HBM traffic per query.
+
+    Per query, the forward writes and re-reads `Hk` float32 scores and `Hk` probabilities in the
+    input dtype (about 12 bytes per score), and the halo gathers write and re-read
+    `Hk / Tq` keys and values (`4 * head_dim * itemsize` bytes each). Small tiles waste scores
+    (`Hk` grows like `prod(tile + K - 1)`), large tiles are cheap in halos; the optimum is
+    near `tile ~ sqrt(head_dim * itemsize * K / 3)` per axis. Ties go to more queries per tile
+    (bigger, more efficient matmuls).
+
+    Args:
+      spatial: spatial shape; params: window arguments; head_dim, itemsize: of the inputs.
+
+    Returns:
+      One tile size per axis (each at most the axis's dilation-group length).
+    """
+    rows = [-(-n // d) for n, d in zip(spatial, params.dilation, strict=True)]
+    options = [sorted({min(c, r) for c in _TILE_CANDIDATES}) for r in rows]
+    best = None
+    for tile in itertools.product(*options):
+        halo = math.prod(
+            min(t + k - 1, r) for t, k, r in zip(tile, params.kernel_size, rows, strict=True)
+        )
+        tq = math.prod(tile)
+        if tq < min(8, math.prod(rows)):
+            continue  # matmuls with fewer than 8 rows waste the tensor cores / MXU
+        cost = 12 * halo + 4 * head_dim * itemsize * halo / tq
+        key = (cost, -tq)
+        if best is None or key < best[0]:
+            best = (key, tile)
+    return best[1]
+
+
+def _acc_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+class _Tables:
+    """Device-independent constants of one call: halo indices and per-class mask/bias index."""
+
+    def __init__(self, t: Tiling):
+        self.t = t
+        # Padded queries attend their whole halo (finite softmax, no NaN); their rows are dropped.
+        self.mask = t.mask | ~t.query_valid[:, :, None]  # [C, Tq, Hk]
+        self.any_masked = not self.mask.all()
+
+    def bias_mask(self, rpb, heads: int, acc):
+        """Additive `[G, nT, h or 1, Tq, Hk]` bias (-inf where masked), or None if neither."""
+        t = self.t
+        if rpb is None and not self.any_masked:
+            return None
+        if rpb is None:
+            per_class = jnp.where(self.mask, 0.0, -jnp.inf).astype(acc)[:, None]  # [C,1,Tq,Hk]
+        else:
+            flat = rpb.reshape(heads, -1).astype(acc)
+            per_class = jnp.moveaxis(flat[:, t.rpb_index], 0, 1)  # [C, h, Tq, Hk]
+            per_class = jnp.where(self.mask[:, None], per_class, -jnp.inf)
+        return per_class[t.tile_class]  # [G, nT, h|1, Tq, Hk]
+
+
+def _halo(x, t: Tiling):
+    """`[B, *S, h, D]` -> `[B, G, nT, Hk, h, D]` (one static-index gather)."""
+    b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
+    return x.reshape(b, -1, h, d)[:, t.halo_index]
+
+
+def _unhalo(xh, t: Tiling, spatial, dtype):
+    """Transpose of `_halo`: scatter-adds halo rows back to their key positions."""
+    b, h, d = xh.shape[0], xh.shape[-2], xh.shape[-1]
+    n = math.prod(spatial)
+    flat = xh.reshape(b, -1, h, d)
+    out = jnp.zeros((b, n, h, d), xh.dtype).at[:, t.halo_index.reshape(-1)].add(flat)
+    return out.reshape((b, *spatial, h, d)).astype(dtype)
+
+
+def _scores(qt, kh, bm, scale, acc):
+    """Logits `[B, G, nT, h, Tq, Hk]` (float32, float64 for float64 inputs)."""
+    s = jnp.einsum("bgtqhd,bgtkhd->bgthqk", qt, kh, preferred_element_type=acc) * scale
+    return s if bm is None else s + bm[None]
+
+
+def _rows(x, t: Tiling):
+    """`[B, *S, h]` -> `[B, G, nT, h, Tq]` (per-query statistics in score layout)."""
+    return jnp.swapaxes(t.to_tiles(x), -1, -2)
+
+
+def _unrows(x, t: Tiling):
+    return t.from_tiles(jnp.swapaxes(x, -1, -2))
+
+
+def _forward_core(params: NAParams, t: Tiling, q, k, v, rpb):
+    """Forward on `[B, *S, h, D]` inputs: `(out, lse [B, *S, h])`."""
+    tables = _Tables(t)
+    acc = _acc_dtype(q.dtype)
+    qt, kh, vh = t.to_tiles(q), _halo(k, t), _halo(v, t)
+    s = _scores(qt, kh, tables.bias_mask(rpb, q.shape[-2], acc), params.scale, acc)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - m)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    # Unnormalised probabilities in the input dtype feed the matmul; dividing the [Tq, D] result
+    # is cheaper than dividing [Tq, Hk] probabilities.
+    o = jnp.einsum("bgthqk,bgtkhd->bgtqhd", e.astype(q.dtype), vh, preferred_element_type=acc)
+    o = o / jnp.swapaxes(denom[..., 0], -1, -2)[..., None]
+    lse = (m + jnp.log(denom))[..., 0]
+    return t.from_tiles(o.astype(q.dtype)), _unrows(lse, t)
+
+
+def _backward_core(params: NAParams, t: Tiling, q, k, v, rpb, out, lse, d_out, d_lse):
+    """Backward on `[B, *S, h, D]`: `(dq, dk, dv, per-batch d_rpb [B, h, 1, R] or None)`."""
+    tables = _Tables(t)
+    acc = _acc_dtype(q.dtype)
+    dt = q.dtype
+    qt, kh, vh = t.to_tiles(q), _halo(k, t), _halo(v, t)
+    dot = t.to_tiles(d_out.astype(dt))
+    s = _scores(qt, kh, tables.bias_mask(rpb, q.shape[-2], acc), params.scale, acc)
+    p = jnp.exp(s - _rows(lse.astype(acc), t)[..., None])
+    if not t.query_valid.all():
+        # Padded queries have lse 0 (padding), so exp could overflow: zero them (their d_out is
+        # zero, so ds would be 0 * inf).
+        valid = t.query_valid[t.tile_class]  # [G, nT, Tq]
+        p = jnp.where(valid[None, :, :, None, :, None], p, 0.0)
+    dp = jnp.einsum("bgtqhd,bgtkhd->bgthqk", dot, vh, preferred_element_type=acc)
+    delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)  # fused: no stored copies
+    shift = _rows(delta - d_lse.astype(acc), t)
+    ds = p * (dp - shift[..., None])
+    ds_in = ds.astype(dt)
+    dq = jnp.einsum("bgthqk,bgtkhd->bgtqhd", ds_in, kh, preferred_element_type=acc)
+    dkh = jnp.einsum("bgthqk,bgtqhd->bgtkhd", ds_in, qt, preferred_element_type=acc)
+    dvh = jnp.einsum("bgthqk,bgtqhd->bgtkhd", p.astype(dt), dot, preferred_element_type=acc)
+    spatial = t.spatial
+    dq = t.from_tiles((dq * params.scale).astype(dt))
+    dk = _unhalo(dkh * params.scale, t, spatial, dt)
+    dv = _unhalo(dvh, t, spatial, dt)
+    if rpb is None:
+        return dq, dk, dv, None
+    b, heads = q.shape[0], q.shape[-2]
+    # Per batch item (summed by the caller, an all-reduce when the batch is sharded): over the
+    # tiles of each class (a one-hot matmul over G * nT tiles), then into bias bins by the
+    # class table (masked entries have ds = 0).
+    per_tile = ds.reshape((b, t.groups * t.tiles, heads, -1))
+    onehot = (t.tile_class.reshape(-1)[:, None] == np.arange(t.n_classes)).astype(acc)
+    per_class = jnp.einsum("bnhx,nc->cxbh", per_tile, onehot)  # [C, Tq * Hk, b, h]
+    bins = math.prod(params.rpb_shape_tail)
+    drpb = jax.ops.segment_sum(
+        per_class.reshape((-1, b, heads)), t.rpb_index.reshape(-1), num_segments=bins
+    )  # [R, b, h]
+    return dq, dk, dv, jnp.transpose(drpb, (1, 2, 0))[:, :, None, :]
+
+
+# Sharding: on GSPMD (auto) meshes these are plain XLA ops that the partitioner splits over batch
+# and heads. On explicit meshes, whose sharding-in-types reshape rules cannot split the spatial
+# axes of a sharded array, the op runs per (batch, head) shard on the row layout `[B, N, h, D]`
+# through `partition.explicit_batch_head_map` (a shard_map).
+
+
+def _rows_forward(static, q, k, v, rpb):
+    params, tiles, spatial, has_rpb = static
+    t = tiling(spatial, params, tiles)
+    shape = (q.shape[0], *spatial, *q.shape[2:])
+    out, lse = _forward_core(
+        params, t, q.reshape(shape), k.reshape(shape), v.reshape(shape), rpb if has_rpb else None
+    )
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def _rows_backward(static, q, k, v, rpb, out, lse, d_out, d_lse):
+    params, tiles, spatial, has_rpb = static
+    t = tiling(spatial, params, tiles)
+    shape = (q.shape[0], *spatial, *q.shape[2:])
+    x = [a.reshape(shape) for a in (q, k, v, out, d_out)]
+    rows = [a.reshape(shape[:-1]) for a in (lse, d_lse)]
+    dq, dk, dv, drpb = _backward_core(
+        params, t, *x[:3], rpb if has_rpb else None, x[3], rows[0], x[4], rows[1]
+    )
+    if drpb is None:  # one result structure; a [B, h, 1, 1] zero is free
+        drpb = jnp.zeros((q.shape[0], q.shape[2], 1, 1), jnp.float32)
+    return dq.reshape(q.shape), dk.reshape(q.shape), dv.reshape(q.shape), drpb
+
+
+def _as_rows(x):
+    return x.reshape(x.shape[0], -1, *x.shape[-2:])
+
+
+def _rpb_operand(rpb, heads: int):
+    return jnp.zeros((heads, 1), jnp.float32) if rpb is None else rpb.reshape(heads, -1)
+
+
+def _forward(static, q, k, v, rpb):
+    """Custom-VJP forward (also the accelerator half of `platform.na_xla`)."""
+    params, tiles = static
+    spatial = tuple(q.shape[1:-2])
+    op = functools.partial(_rows_forward, (params, tiles, spatial, rpb is not None))
+    out, lse = explicit_batch_head_map(
+        op, ("x", "x", "x", "rpb"), ("x", "row"),
+        _as_rows(q), _as_rows(k), _as_rows(v), _rpb_operand(rpb, q.shape[-2]),
+    )  # fmt: skip
+    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+
+
+def _backward(static, res, cts):
+    """Custom-VJP backward (also the accelerator half of `platform.na_xla`)."""
+    params, tiles = static
+    q, k, v, rpb, out, lse = res
+    d_out, d_lse = cts
+    spatial = tuple(q.shape[1:-2])
+    b, h = q.shape[0], q.shape[-2]
+    op = functools.partial(_rows_backward, (params, tiles, spatial, rpb is not None))
+    kinds_in = ("x", "x", "x", "rpb", "x", "row", "x", "row")
+    dq, dk, dv, drpb = explicit_batch_head_map(
+        op, kinds_in, ("x", "x", "x", "drpb"),
+        _as_rows(q), _as_rows(k), _as_rows(v), _rpb_operand(rpb, h), _as_rows(out),
+        lse.reshape(b, -1, h), _as_rows(d_out.astype(q.dtype)),
+        d_lse.reshape(b, -1, h).astype(lse.dtype),
+    )  # fmt: skip
+    dq, dk, dv = (g.reshape(q.shape) for g in (dq, dk, dv))
+    if rpb is None:
+        return dq, dk, dv, None
+    return dq, dk, dv, jnp.sum(drpb[:, :, 0], axis=0).reshape(rpb.shape).astype(rpb.dtype)
+
+
+_na = na_custom_vjp(_forward, _backward)
+
+
+def unsupported_reason(shape, dtype, params: NAParams, has_rpb: bool) -> str | None:
+    """None: the tiled path runs every call the public API accepts today."""
+    del shape, dtype, params, has_rpb
+    return None
+
+
+def na_xla_tiled(q, k, v, rpb, params: NAParams, tiles: tuple[int, ...] | None = None):
+    """Neighborhood attention as a blocked-halo XLA computation (accelerator layout).
+
+    Args:
+      q, k, v: `[batch, *spatial, heads, head_dim]`.
+      rpb: `[heads, *(2K-1)]` or None.
+      params: validated window arguments.
+      tiles: query-tile shape (one size per axis); default `choose_tiles`.
+
+    Returns:
+      (out in q's dtype, lse `[batch, *spatial, heads]` float32 (float64 for float64 inputs)).
+    """
+    spatial = tuple(q.shape[1:-2])
+    if tiles is None:
+        tiles = choose_tiles(spatial, params, q.shape[-1], jnp.dtype(q.dtype).itemsize)
+    return _na((params, tuple(int(x) for x in tiles)), q, k, v, rpb)
