@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
+import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -99,17 +102,99 @@ _ARCHITECTURES = {
 }
 
 
+# Sanity bounds: far beyond every published NAT/DiNAT (and any plausible one), small enough
+# that a hostile or mistyped config.json cannot ask for terabytes before a check fails.
+MAX_STAGES = 8
+MAX_LAYERS_PER_STAGE = 1024
+MAX_KERNEL_SIZE = 127
+MAX_DILATION = 1024
+MAX_CHANNELS = 2**16  # of the widest (last) stage: embed_dim * 2**(num_stages - 1)
+MAX_NUM_CHANNELS = 64  # input image channels
+MAX_MLP_RATIO = 64.0
+MAX_LABELS = 1_000_000
+MAX_LABEL_CHARS = 1000
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 8
+
+
 def _bad(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"NatConfig: invalid `{field}`={value!r}; expected {allowed}.")
+    return ValueError(f"NatConfig: invalid `{field}`={_SHORT.repr(value)}; expected {allowed}.")
 
 
-def _int_tuple(field: str, value: Any) -> tuple[int, ...]:
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _int_tuple(field: str, value: Any, high: int, max_len: int | None = None) -> tuple[int, ...]:
+    allowed = f"a non-empty sequence of ints in [1, {high}]"
+    if max_len is not None:
+        allowed += f", at most {max_len} entries"
     if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise _bad(field, value, "a sequence of positive ints")
+        raise _bad(field, value, allowed)
     out = tuple(value)
-    if not out or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in out):
-        raise _bad(field, value, "a non-empty sequence of positive ints")
+    too_long = max_len is not None and len(out) > max_len
+    if not out or too_long or not all(_is_int(v) and 0 < v <= high for v in out):
+        raise _bad(field, value, allowed)
     return out
+
+
+# A config.json is a few KB (an ImageNet-22k id2label ~1 MB); anything far larger is not one.
+MAX_CONFIG_BYTES = 64 * 2**20
+# JSON nesting deeper than this is refused before Python's recursion limit is reached.
+MAX_JSON_DEPTH = 64
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a JSON object from a small UTF-8 file, every failure as one ValueError.
+
+    Args:
+      path: the file.
+
+    Returns:
+      The parsed dict.
+
+    Raises:
+      ValueError: file too large, not UTF-8, nested deeper than MAX_JSON_DEPTH, not JSON, or
+        not an object (the message says which; the caller adds the file name).
+    """
+    size = os.path.getsize(path)
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes.")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text (byte {err.start}).") from None
+    depth = _json_depth(text)
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH}).")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err}).") from None
+    if not isinstance(data, dict):
+        raise ValueError("does not hold a JSON object.")
+    return data
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def _json_depth(text: str) -> int:
+    """Maximum bracket nesting outside strings (linear, no recursion)."""
+    depth = deepest = 0
+    for ch in _BRACKETS.findall(_JSON_STRING.sub("", text)):
+        depth += 1 if ch in "[{" else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,14 +254,26 @@ class NatConfig:
             raise _bad("model_type", self.model_type, f"one of {MODEL_TYPES}")
         if self.patch_size != 4:
             raise _bad("patch_size", self.patch_size, "4 (the only patch size NAT/DiNAT define)")
-        for name in ("num_channels", "embed_dim", "kernel_size"):
+        for name, high in (
+            ("num_channels", MAX_NUM_CHANNELS),
+            ("embed_dim", MAX_CHANNELS),
+            ("kernel_size", MAX_KERNEL_SIZE),
+        ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise _bad(name, value, "a positive int")
+            if not _is_int(value) or not 0 < value <= high:
+                raise _bad(name, value, f"an int in [1, {high}]")
         if self.kernel_size % 2 == 0:
             raise _bad("kernel_size", self.kernel_size, "an odd int (neighborhoods are centred)")
-        setf("depths", _int_tuple("depths", self.depths))
-        setf("num_heads", _int_tuple("num_heads", self.num_heads))
+        setf("depths", _int_tuple("depths", self.depths, MAX_LAYERS_PER_STAGE, MAX_STAGES))
+        widest = self.embed_dim * 2 ** (len(self.depths) - 1)
+        if widest > MAX_CHANNELS:
+            raise _bad(
+                "embed_dim",
+                self.embed_dim,
+                f"embed_dim * 2**(stages - 1) <= {MAX_CHANNELS} (the last of "
+                f"{len(self.depths)} stages would have {widest} channels)",
+            )
+        setf("num_heads", _int_tuple("num_heads", self.num_heads, MAX_CHANNELS))
         if len(self.num_heads) != len(self.depths):
             raise _bad("num_heads", self.num_heads, f"{len(self.depths)} entries, one per stage")
         for i, heads in enumerate(self.num_heads):
@@ -184,21 +281,25 @@ class NatConfig:
             if dim % heads:
                 raise _bad("num_heads", self.num_heads, f"stage {i + 1} heads dividing {dim}")
         self._check_dilations()
-        if not isinstance(self.mlp_ratio, int | float) or self.mlp_ratio <= 0:
-            raise _bad("mlp_ratio", self.mlp_ratio, "a positive number")
+        if not _is_number(self.mlp_ratio) or not 0 < self.mlp_ratio <= MAX_MLP_RATIO:
+            raise _bad("mlp_ratio", self.mlp_ratio, f"a finite number in (0, {MAX_MLP_RATIO:g}]")
+        if int(self.mlp_ratio * widest) < 1:
+            raise _bad("mlp_ratio", self.mlp_ratio, "a ratio giving MLPs at least 1 unit wide")
         if not isinstance(self.qkv_bias, bool):
             raise _bad("qkv_bias", self.qkv_bias, "a bool")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+            if not _is_number(value) or not 0.0 <= value < 1.0:
                 raise _bad(name, value, "a probability in [0, 1)")
         if self.hidden_act not in HIDDEN_ACTS:
             raise _bad("hidden_act", self.hidden_act, f"one of {HIDDEN_ACTS}")
-        if not isinstance(self.layer_norm_eps, int | float) or self.layer_norm_eps <= 0:
-            raise _bad("layer_norm_eps", self.layer_norm_eps, "a positive number")
+        if not _is_number(self.layer_norm_eps) or not 0 < self.layer_norm_eps <= 1:
+            raise _bad("layer_norm_eps", self.layer_norm_eps, "a finite number in (0, 1]")
         value = self.layer_scale_init_value
-        if not isinstance(value, int | float) or value < 0:
-            raise _bad("layer_scale_init_value", value, "a number >= 0 (0 disables layer scale)")
+        if not _is_number(value) or not 0 <= value <= 1e3:
+            raise _bad(
+                "layer_scale_init_value", value, "a finite number in [0, 1000] (0 disables it)"
+            )
         self._check_labels()
         self._check_out_features()
 
@@ -214,16 +315,23 @@ class NatConfig:
             dilations = DINAT_DEFAULT_DILATIONS
         if isinstance(dilations, str) or not isinstance(dilations, Sequence):
             raise _bad("dilations", dilations, "one sequence of ints per stage")
-        out = tuple(_int_tuple("dilations", stage) for stage in dilations)
+        if len(dilations) != len(self.depths):
+            raise _bad("dilations", dilations, f"{len(self.depths)} lists, one per stage")
+        out = tuple(_int_tuple("dilations", stage, MAX_DILATION) for stage in dilations)
         if tuple(len(s) for s in out) != self.depths:
             raise _bad("dilations", dilations, f"per-stage lengths equal to depths {self.depths}")
         object.__setattr__(self, "dilations", out)
 
     def _check_labels(self) -> None:
+        num = self.num_labels
+        if num is not None and (not _is_int(num) or not 0 <= num <= MAX_LABELS):
+            raise _bad("num_labels", num, f"an int in [0, {MAX_LABELS}]")
         labels = self.id2label
         if isinstance(labels, Mapping):
+            if len(labels) > MAX_LABELS:
+                raise _bad("id2label", labels, f"at most {MAX_LABELS} names")
             try:
-                items = sorted((int(k), str(v)) for k, v in labels.items())
+                items = sorted((int(k), v) for k, v in labels.items())
             except (TypeError, ValueError):
                 raise _bad("id2label", labels, "a mapping with int-like keys") from None
             if [k for k, _ in items] != list(range(len(items))):
@@ -232,19 +340,30 @@ class NatConfig:
         elif labels is not None:
             if isinstance(labels, str) or not isinstance(labels, Sequence):
                 raise _bad("id2label", labels, "a sequence of names or an {index: name} mapping")
-            labels = tuple(str(v) for v in labels)
-        num = self.num_labels
+            if len(labels) > MAX_LABELS:
+                raise _bad("id2label", labels, f"at most {MAX_LABELS} names")
+            labels = tuple(labels)
+        if labels is not None:
+            labels = tuple(str(v) if _is_int(v) else v for v in labels)
+        if labels is not None and not all(
+            isinstance(v, str) and len(v) <= MAX_LABEL_CHARS for v in labels
+        ):
+            raise _bad("id2label", labels, f"names that are strings of <= {MAX_LABEL_CHARS} chars")
         if num is None:
             # Hugging Face's PretrainedConfig default is two labels.
             num = 2 if labels is None else len(labels)
-        if not isinstance(num, int) or isinstance(num, bool) or num < 0:
-            raise _bad("num_labels", num, "an int >= 0")
         if labels is not None and len(labels) != num:
             raise _bad("id2label", labels, f"{num} names (num_labels)")
-        if labels == tuple(f"LABEL_{i}" for i in range(num)):
+        if labels is not None and all(v == f"LABEL_{i}" for i, v in enumerate(labels)):
             labels = None  # Hugging Face's placeholder names; None stands for them.
         object.__setattr__(self, "id2label", labels)
         object.__setattr__(self, "num_labels", num)
+
+    def label_name(self, index: int) -> str:
+        """The name of class `index`: `id2label[index]`, or Hugging Face's "LABEL_<index>"."""
+        if not 0 <= index < self.num_labels:
+            raise ValueError(f"label_name: `index`={index}; expected [0, {self.num_labels}).")
+        return self.id2label[index] if self.id2label is not None else f"LABEL_{index}"
 
     def _check_out_features(self) -> None:
         names = self.stage_names
@@ -339,29 +458,31 @@ class NatConfig:
             contradict each other, or invalid values.
         """
         if isinstance(path_or_dict, Mapping):
-            data = dict(path_or_dict)
-        else:
-            path = os.fspath(path_or_dict)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"NatConfig.from_hf_config: no such file: {path}")
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise ValueError(f"NatConfig.from_hf_config: {path} does not hold a JSON object.")
+            return cls._from_hf_dict(dict(path_or_dict))
+        path = os.fspath(path_or_dict)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"NatConfig.from_hf_config: no such file: {path}")
+        try:
+            return cls._from_hf_dict(read_json_object(path))
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+    @classmethod
+    def _from_hf_dict(cls, data: dict[str, Any]) -> NatConfig:
         model_type = data.pop("model_type", None)
         if model_type not in MODEL_TYPES:
             raise ValueError(
-                f"NatConfig.from_hf_config: `model_type`={model_type!r}; expected one of "
-                f"{MODEL_TYPES}."
+                f"NatConfig.from_hf_config: `model_type`={_SHORT.repr(model_type)}; expected one "
+                f"of {MODEL_TYPES}."
             )
         fields = {f.name for f in dataclasses.fields(cls)} - {"model_type"}
         unknown = sorted(k for k in data if k not in fields and k not in HF_IGNORED_KEYS)
         if unknown:
             raise ValueError(
-                f"NatConfig.from_hf_config: unknown keys {unknown}; known: {sorted(fields)} "
-                "(plus ignored Hugging Face bookkeeping keys)."
+                f"NatConfig.from_hf_config: unknown keys {_SHORT.repr(unknown)}; known: "
+                f"{sorted(fields)} (plus ignored Hugging Face bookkeeping keys)."
             )
         kwargs = {k: v for k, v in data.items() if k in fields}
         config = cls(model_type=model_type, **kwargs)
@@ -372,8 +493,8 @@ class NatConfig:
         ):
             if key in data and data[key] != want:
                 raise ValueError(
-                    f"NatConfig.from_hf_config: `{key}`={data[key]!r} contradicts the other "
-                    f"fields, which give {want!r}."
+                    f"NatConfig.from_hf_config: `{key}`={_SHORT.repr(data[key])} contradicts the "
+                    f"other fields, which give {want!r}."
                 )
         return config
 
@@ -392,7 +513,7 @@ class NatConfig:
                 f"NatConfig.to_hf_config: `architecture`={architecture!r}; expected "
                 "'classification', 'model' or 'backbone'."
             )
-        labels = self.id2label or tuple(f"LABEL_{i}" for i in range(self.num_labels))
+        labels = [self.label_name(i) for i in range(self.num_labels)]
         out: dict[str, Any] = {
             "architectures": [_ARCHITECTURES[key]],
             "model_type": self.model_type,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import difflib
 import importlib.util
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -102,9 +104,10 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up then cosine decay.
+    """AdamW (or SGD) with linear warm-up then cosine decay.
 
     Attributes:
+      optimizer: "adamw" (the papers' recipe) or "sgd" (momentum b1; same decay and schedule).
       lr: peak learning rate at `base_batch_size`; scaled linearly by batch_size/base_batch_size.
       base_batch_size: the batch size `lr` refers to (NAT: 1e-3 at 1024).
       weight_decay: decoupled weight decay, not applied to biases, norms and position biases.
@@ -117,6 +120,7 @@ class OptimConfig:
       ema_decay: exponential moving average of the weights (0 disables).
     """
 
+    optimizer: str = "adamw"
     lr: float = 1e-3
     base_batch_size: int = 1024
     weight_decay: float = 0.05
@@ -183,66 +187,147 @@ class TrainConfig:
         validate(self)
 
 
+# Allowed values of every field: (kind, low, high), both bounds inclusive unless the kind says
+# "open" ends. The bounds are sanity limits (no real run comes near them) that keep NaN/inf,
+# negative sizes and absurd values (a 2**40 batch) from reaching the loop as a crash.
+_PROB = ("float", 0.0, 1.0)
+_RULES: dict[str, tuple] = {
+    "model.preset": ("str",),
+    "model.overrides": ("overrides",),
+    "model.dtype": ("choice", ("bfloat16", "float16", "float32")),
+    "model.attention_implementation": ("optional_str",),
+    "model.remat": ("bool",),
+    "data.dataset": ("str",),
+    "data.data_dir": ("optional_str",),
+    "data.train_split": ("str",),
+    "data.eval_split": ("str",),
+    "data.image_size": ("int", 1, 8192),
+    "data.batch_size": ("int", 1, 2**20),
+    "data.eval_batch_size": ("int", 1, 2**20),
+    "data.num_workers": ("int", 0, 1024),
+    "data.crop_pct": ("float_open_low", 0.0, 1.0),
+    "data.mean": ("floats3", 0.0, 1.0),
+    "data.std": ("floats3_open_low", 0.0, 10.0),
+    "data.digits_size": ("int", 8, 1024),
+    "augment.rrc_scale": ("range2", 0.0, 1.0),
+    "augment.rrc_ratio": ("range2", 0.0, 100.0),
+    "augment.hflip": _PROB,
+    "augment.randaugment_n": ("int", 0, 16),
+    "augment.randaugment_m": ("float", 0.0, 10.0),
+    "augment.randaugment_mstd": ("float", 0.0, 10.0),
+    "augment.mixup": ("float", 0.0, 100.0),
+    "augment.cutmix": ("float", 0.0, 100.0),
+    "augment.mixup_switch_prob": _PROB,
+    "augment.label_smoothing": ("float_open_high", 0.0, 1.0),
+    "augment.erase_prob": _PROB,
+    "optim.optimizer": ("choice", ("adamw", "sgd")),
+    "optim.lr": ("float_open_low", 0.0, 1e3),
+    "optim.base_batch_size": ("int", 1, 2**24),
+    "optim.weight_decay": ("float", 0.0, 10.0),
+    "optim.b1": ("float_open_high", 0.0, 1.0),
+    "optim.b2": ("float_open_high", 0.0, 1.0),
+    "optim.eps": ("float_open_low", 0.0, 1.0),
+    "optim.epochs": ("float_open_low", 0.0, 1e6),
+    "optim.warmup_epochs": ("float", 0.0, 1e6),
+    "optim.warmup_lr": ("float", 0.0, 1e3),
+    "optim.min_lr": ("float", 0.0, 1e3),
+    "optim.grad_clip": ("float", 0.0, 1e9),
+    "optim.grad_accum": ("int", 1, 4096),
+    "optim.ema_decay": ("float_open_high", 0.0, 1.0),
+    "mesh.data": ("mesh",),
+    "mesh.fsdp": ("mesh",),
+    "mesh.model": ("mesh",),
+    "run.workdir": ("str",),
+    "run.seed": ("int", 0, 2**32 - 1),
+    "run.max_steps": ("int", 0, 2**40),
+    "run.log_every": ("int", 1, 2**40),
+    "run.eval_every": ("int", 0, 2**40),
+    "run.checkpoint_every": ("int", 1, 2**40),
+    "run.keep_checkpoints": ("int", 1, 10_000),
+    "run.init_from": ("optional_str",),
+    "run.progress": ("bool",),
+}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _in(value: float, lo: float, hi: float, open_low: bool = False, open_high: bool = False):
+    return (
+        _number(value)
+        and math.isfinite(value)
+        and (lo < value if open_low else lo <= value)
+        and (value < hi if open_high else value <= hi)
+    )
+
+
+def _interval(lo: float, hi: float, open_low: bool = False, open_high: bool = False) -> str:
+    return f"{'(' if open_low else '['}{lo:g}, {hi:g}{')' if open_high else ']'}"
+
+
+def _check_field(name: str, value: Any, rule: tuple) -> str | None:
+    """What `name` allows when `value` breaks `rule`, else None."""
+    kind = rule[0]
+    if kind == "str":
+        return None if isinstance(value, str) and value else "a non-empty string"
+    if kind == "optional_str":
+        return None if value is None or isinstance(value, str) else "a string or none"
+    if kind == "bool":
+        return None if isinstance(value, bool) else "true or false"
+    if kind == "choice":
+        return None if value in rule[1] else f"one of {', '.join(rule[1])}"
+    if kind == "int":
+        lo, hi = rule[1], rule[2]
+        ok = isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+        return None if ok else f"an integer in [{lo}, {hi}]"
+    if kind == "mesh":
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        return None if ok and (value == -1 or 1 <= value <= 2**16) else "-1 or a size >= 1"
+    if kind.startswith("floats3"):
+        open_low = kind.endswith("open_low")
+        ok = isinstance(value, tuple) and len(value) == 3
+        ok = ok and all(_in(v, rule[1], rule[2], open_low) for v in value)
+        return None if ok else f"3 finite numbers in {_interval(rule[1], rule[2], open_low)}"
+    if kind.startswith("float"):
+        open_low, open_high = kind.endswith("open_low"), kind.endswith("open_high")
+        ok = _in(value, rule[1], rule[2], open_low, open_high)
+        where = _interval(rule[1], rule[2], open_low, open_high)
+        return None if ok else f"a finite number in {where}"
+    if kind == "range2":
+        lo, hi = rule[1], rule[2]
+        ok = isinstance(value, tuple) and len(value) == 2
+        ok = ok and all(_in(v, lo, hi, open_low=True) for v in value) and value[0] <= value[1]
+        return None if ok else f"two finite numbers lo <= hi in {_interval(lo, hi, True)}"
+    if kind == "overrides":
+        ok = isinstance(value, tuple) and all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in value
+        )
+        return None if ok else "(name, value) pairs of NatConfig fields, e.g. {'embed_dim': 32}"
+    raise AssertionError(kind)
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Raises ValueError naming the first bad field."""
+    """Checks every field (type, finite, in range) and the relations between fields.
+
+    Raises:
+      ValueError: naming the first bad field, its value and what is allowed.
+    """
 
     def bad(name: str, value: Any, allowed: str) -> ValueError:
-        return ValueError(f"{name}={value!r} is invalid: {allowed}.")
+        return ValueError(f"{name}={_short(value, 80)} is invalid: must be {allowed}.")
 
-    d, o, a, r = cfg.data, cfg.optim, cfg.augment, cfg.run
-    if cfg.model.dtype not in ("bfloat16", "float32", "float16"):
-        raise bad("model.dtype", cfg.model.dtype, "use bfloat16, float16 or float32")
-    for name, value in (
-        ("data.image_size", d.image_size),
-        ("data.batch_size", d.batch_size),
-        ("data.eval_batch_size", d.eval_batch_size),
-        ("data.digits_size", d.digits_size),
-        ("optim.grad_accum", o.grad_accum),
-        ("optim.base_batch_size", o.base_batch_size),
-        ("run.log_every", r.log_every),
-        ("run.checkpoint_every", r.checkpoint_every),
-        ("run.keep_checkpoints", r.keep_checkpoints),
-    ):
-        if not isinstance(value, int) or value < 1:
-            raise bad(name, value, "must be a positive integer")
+    for name, rule in _RULES.items():
+        section, field_name = name.split(".")
+        value = getattr(getattr(cfg, section), field_name)
+        allowed = _check_field(name, value, rule)
+        if allowed is not None:
+            raise bad(name, value, allowed)
+    d, o = cfg.data, cfg.optim
     if d.batch_size % o.grad_accum:
-        raise bad("optim.grad_accum", o.grad_accum, f"must divide data.batch_size={d.batch_size}")
-    if d.num_workers < 0:
-        raise bad("data.num_workers", d.num_workers, "must be >= 0")
-    if not 0 < d.crop_pct <= 1:
-        raise bad("data.crop_pct", d.crop_pct, "must be in (0, 1]")
-    if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
-        raise bad("data.mean/std", (d.mean, d.std), "need 3 values each, std > 0")
-    if o.lr <= 0:
-        raise bad("optim.lr", o.lr, "must be > 0")
-    if o.weight_decay < 0:
-        raise bad("optim.weight_decay", o.weight_decay, "must be >= 0")
-    if o.epochs <= 0 or o.warmup_epochs < 0 or o.warmup_epochs > o.epochs:
-        raise bad(
-            "optim.epochs/warmup_epochs", (o.epochs, o.warmup_epochs), "need 0 <= warmup <= epochs"
-        )
-    if not 0 <= o.ema_decay < 1:
-        raise bad("optim.ema_decay", o.ema_decay, "must be in [0, 1)")
-    if o.grad_clip < 0:
-        raise bad("optim.grad_clip", o.grad_clip, "must be >= 0 (0 disables)")
-    for name in ("hflip", "erase_prob", "mixup_switch_prob"):
-        v = getattr(a, name)
-        if not 0 <= v <= 1:
-            raise bad(f"augment.{name}", v, "must be a probability in [0, 1]")
-    if not 0 <= a.label_smoothing < 1:
-        raise bad("augment.label_smoothing", a.label_smoothing, "must be in [0, 1)")
-    if a.mixup < 0 or a.cutmix < 0:
-        raise bad("augment.mixup/cutmix", (a.mixup, a.cutmix), "must be >= 0")
-    if not 0 <= a.randaugment_m <= 10:
-        raise bad("augment.randaugment_m", a.randaugment_m, "must be in [0, 10]")
-    if not 0 < a.rrc_scale[0] <= a.rrc_scale[1] <= 1:
-        raise bad("augment.rrc_scale", a.rrc_scale, "need 0 < lo <= hi <= 1")
-    for name in ("data", "fsdp", "model"):
-        v = getattr(cfg.mesh, name)
-        if v == 0 or v < -1:
-            raise bad(f"mesh.{name}", v, "must be a positive size or -1")
-    if r.max_steps < 0 or r.eval_every < 0:
-        raise bad("run.max_steps/eval_every", (r.max_steps, r.eval_every), "must be >= 0")
+        raise bad("optim.grad_accum", o.grad_accum, f"a divisor of data.batch_size={d.batch_size}")
+    if o.warmup_epochs > o.epochs:
+        raise bad("optim.warmup_epochs", o.warmup_epochs, f"<= optim.epochs={o.epochs}")
 
 
 def load_config(path: str | Path | None) -> TrainConfig:
@@ -260,13 +345,18 @@ def load_config(path: str | Path | None) -> TrainConfig:
         return digits_config()
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config {str(path)!r}: no such file.")
+        what = "a directory, not an experiment file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"--config {str(path)!r}: {what}.")
     spec = importlib.util.spec_from_file_location(f"natjax_exp_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ValueError(f"--config {str(path)!r} defines no get_config().")
-    cfg = module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        if not hasattr(module, "get_config"):
+            raise ValueError("defines no get_config()")
+        cfg = module.get_config()
+    except ValueError as err:
+        # e.g. a TrainConfig field out of range: name the file as well as the field.
+        raise ValueError(f"--config {str(path)!r}: {err}") from None
     if not isinstance(cfg, TrainConfig):
         raise ValueError(f"--config {str(path)!r}: get_config() returned {type(cfg).__name__}.")
     return cfg
@@ -285,6 +375,8 @@ def _field_paths(obj: Any, prefix: str = "") -> list[str]:
 
 def _parse(text: str, annotation: Any, key: str) -> Any:
     """Parses `text` into `annotation` (str, int, float, bool, tuples, Optional thereof)."""
+    if len(text) > _MAX_VALUE_CHARS:
+        raise ValueError(f"--set {key}: value longer than {_MAX_VALUE_CHARS} characters.")
     if isinstance(annotation, str):
         annotation = eval(annotation, vars(typing) | {"Any": Any})  # noqa: S307 (our own types)
     origin = typing.get_origin(annotation)
@@ -300,20 +392,19 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"--set {key}={text!r}: expected a boolean (true/false).")
+        raise ValueError(f"--set {key}={_short(text)}: expected a boolean (true/false).")
     if annotation is str:
         return text
     if annotation in (int, float):
         try:
-            value = (
-                annotation(float(text)) if annotation is int and "e" in text else annotation(text)
-            )
-        except ValueError:
-            raise ValueError(f"--set {key}={text!r}: expected {annotation.__name__}.") from None
+            value = float(text) if annotation is float else _parse_int(text)
+        except (ValueError, OverflowError):
+            expected = annotation.__name__
+            raise ValueError(f"--set {key}={_short(text)}: expected {expected}.") from None
         return value
     if origin is tuple:
         try:
-            value = ast.literal_eval(text)
+            value = _literal(text, key)
         except (ValueError, SyntaxError):
             value = tuple(s.strip() for s in text.split(",") if s.strip())
         if isinstance(value, dict):
@@ -324,13 +415,42 @@ def _parse(text: str, annotation: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], key) for v in value)
         if args:
             if len(args) != len(value):
-                raise ValueError(f"--set {key}={text!r}: expected {len(args)} values.")
+                raise ValueError(f"--set {key}={_short(text)}: expected {len(args)} values.")
             return tuple(_coerce(v, t, key) for v, t in zip(value, args, strict=True))
         return tuple(value)
     try:
-        return ast.literal_eval(text)
+        return _literal(text, key)
     except (ValueError, SyntaxError):
         return text
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """`repr(value)`, cut to `limit` characters (error messages stay one line)."""
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 4] + "..." + r[-1]
+
+
+def _parse_int(text: str) -> int:
+    """An int from "12", "1e3" or "1_000" (never a rounded fraction or inf/nan)."""
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # "1e3"; raises OverflowError for inf below
+        if value != int(value):
+            raise ValueError(text) from None
+        return int(value)
+
+
+# Longer values are not plausible overrides; the cap also bounds literal_eval's recursion.
+_MAX_VALUE_CHARS = 10_000
+
+
+def _literal(text: str, key: str) -> Any:
+    """`ast.literal_eval` without RecursionError/MemoryError escaping (deeply nested input)."""
+    try:
+        return ast.literal_eval(text)
+    except (RecursionError, MemoryError):
+        raise ValueError(f"--set {key}: value nested too deeply.") from None
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -352,10 +472,17 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str] | tuple[str, ...]) ->
         key, text = item.split("=", 1)
         key = key.strip()
         if key not in valid_keys():
-            raise ValueError(f"--set {key}: unknown key. Valid keys: {', '.join(valid_keys())}.")
+            raise ValueError(
+                f"--set {key}: unknown key{_suggest(key)}. Valid keys: {', '.join(valid_keys())}."
+            )
         cfg = _replace_path(cfg, key.split("."), text, key)
     validate(cfg)
     return cfg
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, valid_keys(), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _replace_path(obj: Any, parts: list[str], text: str, key: str) -> Any:

@@ -16,6 +16,7 @@ number of grain workers or processes, and a resumed run sees exactly the same ba
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,7 +104,13 @@ class TfdsSource:
 
 
 class FolderSource:
-    """`root/<split>/<class name>/<image>`; classes are the sorted sub-folder names."""
+    """`root/<split>/<class name>/<image>`; classes are the sorted sub-folder names.
+
+    Unreadable images (truncated, corrupt, empty, not really images) never stop a run: each is
+    reported once by name with a warning and replaced by the next readable image of the
+    dataset (deterministically, so resumed runs see the same batches); `skipped` lists them.
+    Empty files are skipped at scan time.
+    """
 
     def __init__(self, root: str, split: str) -> None:
         base = Path(root) / split
@@ -113,24 +120,51 @@ class FolderSource:
         if not self.classes:
             raise ValueError(f"data.dataset='folder:{root}': {str(base)!r} has no class folders.")
         self.num_classes = len(self.classes)
-        self.items = [
-            (str(f), c)
+        found = [
+            (f, c)
             for c, name in enumerate(self.classes)
             for f in sorted((base / name).iterdir())
             if f.suffix.lower() in _IMAGE_SUFFIXES
         ]
+        self.items = [(str(f), c) for f, c in found if f.stat().st_size > 0]
+        self.skipped: dict[str, str] = {
+            str(f): "empty file" for f, _ in found if f.stat().st_size == 0
+        }
+        if self.skipped:
+            warnings.warn(
+                f"data.dataset='folder:{root}': skipping {len(self.skipped)} empty image "
+                f"file(s) in {split}/, e.g. {next(iter(self.skipped))}.",
+                stacklevel=2,
+            )
         if not self.items:
             raise ValueError(f"data.dataset='folder:{root}': no images under {str(base)!r}.")
+        self.root = root
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+    def _read(self, i: int) -> np.ndarray:
         from PIL import Image
 
-        path, label = self.items[i]
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB")), label
+        with Image.open(self.items[i][0]) as im:
+            return np.asarray(im.convert("RGB"))
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
+        for offset in range(len(self.items)):
+            j = (i + offset) % len(self.items)
+            path, label = self.items[j]
+            if path in self.skipped:
+                continue
+            try:
+                return self._read(j), label
+            except (OSError, SyntaxError, ValueError) as err:  # PIL's errors for bad files
+                self.skipped[path] = f"{type(err).__name__}: {err}"
+                warnings.warn(
+                    f"data.dataset='folder:{self.root}': skipping unreadable image {path} "
+                    f"({self.skipped[path][:200]}); {len(self.skipped)} skipped so far.",
+                    stacklevel=2,
+                )
+        raise ValueError(f"data.dataset='folder:{self.root}': no readable image left.")
 
 
 def make_source(cfg: DataConfig, split: str):

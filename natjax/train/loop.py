@@ -71,13 +71,14 @@ class _Progress:
 def load_pretrained_params(trainer: Trainer, directory: str, log) -> None:
     """Copies parameters from a converted checkpoint (natjax.from_pretrained) into the trainer.
 
-    Leaves whose path and shape match are copied; the rest (e.g. a classifier head for a
-    different number of labels) keep their fresh initialisation.
+    Every tensor must match by path and shape except the classifier head (a new label set
+    keeps its fresh initialisation).
+
+    Raises:
+      ValueError: listing the mismatched tensors when anything but the head differs.
     """
     import natjax
 
-    if not hasattr(natjax, "from_pretrained"):
-        raise ValueError("run.init_from needs natjax.from_pretrained (checkpoint conversion).")
     model = natjax.from_pretrained(directory)
     source = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat_src = dict(jax.tree_util.tree_flatten_with_path(source)[0])
@@ -85,32 +86,36 @@ def load_pretrained_params(trainer: Trainer, directory: str, log) -> None:
 
     def one(path, leaf, sharding):
         nonlocal copied
-        src = flat_src.get(path)
+        src = flat_src.pop(path, None)
         if src is None or tuple(np.shape(src)) != tuple(leaf.shape):
-            fresh.append(jax.tree_util.keystr(path))
+            got = "absent" if src is None else f"shape {tuple(np.shape(src))}"
+            fresh.append((jax.tree_util.keystr(path), tuple(leaf.shape), got))
             return leaf
         copied += 1
         host = np.asarray(src, np.float32)
         return jax.make_array_from_callback(leaf.shape, sharding, lambda idx: host[idx])
 
     params = trainer.state["params"]
-    trainer.state["params"] = jax.tree_util.tree_map_with_path(
-        one, params, trainer.shardings["params"]
-    )
+    new_params = jax.tree_util.tree_map_with_path(one, params, trainer.shardings["params"])
+    trunk = [f for f in fresh if not f[0].startswith("['classifier']")]
+    unused = [jax.tree_util.keystr(p) for p in flat_src if "classifier" not in str(p[0])]
+    if trunk or unused:
+        lines = [f"{name}: run {shape}, checkpoint {got}" for name, shape, got in trunk[:5]]
+        lines += [f"{name}: only in the checkpoint" for name in unused[: max(0, 5 - len(lines))]]
+        more = len(trunk) + len(unused) - len(lines)
+        raise ValueError(
+            f"run.init_from={directory!r}: the architecture differs from this run's model "
+            f"({len(trunk)} tensors of the run missing or reshaped, {len(unused)} checkpoint "
+            f"tensors unused): "
+            + "; ".join(lines)
+            + (f"; +{more} more" if more > 0 else "")
+            + ". Set model.preset / model.overrides to the checkpoint's architecture."
+        )
+    trainer.state["params"] = new_params
     if trainer.state["ema"] is not None:
         trainer.state["ema"] = jax.tree.map(lambda x: x.copy(), trainer.state["params"])
-    log(f"init-from {directory}: copied {copied} tensors; fresh: {fresh or 'none'}")
-
-
-def _inject_fault(done: int) -> None:
-    """Test hook: NATJAX_TRAIN_FAULT="kill:N" / "term:N" sends SIGKILL / SIGTERM to this process
-    right after step N, so tests can interrupt a run at a reproducible point."""
-    spec = os.environ.get("NATJAX_TRAIN_FAULT")
-    if not spec:
-        return
-    kind, _, at = spec.partition(":")
-    if int(at) == done:
-        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+    head = "fresh classifier head" if fresh else "classifier copied"
+    log(f"init-from {directory}: copied {copied} tensors; {head}")
 
 
 def _meta(cfg: TrainConfig, step: int, num_labels: int) -> dict:
@@ -124,10 +129,13 @@ def _meta(cfg: TrainConfig, step: int, num_labels: int) -> dict:
 
 
 def _resume_or_init(trainer: Trainer, ckpt: Checkpointer, cfg: TrainConfig, log) -> int:
-    """Restores the newest good checkpoint into `trainer` (else applies run.init_from).
+    """Restores the newest intact checkpoint into `trainer` (else applies run.init_from).
 
     Returns:
       The step to continue from (0 for a fresh run).
+
+    Raises:
+      IncompatibleCheckpointError: the workdir holds another run's (intact) checkpoints.
     """
     restored = ckpt.restore_latest(trainer.state) if ckpt.steps() else None
     if restored is None:
@@ -143,6 +151,67 @@ def _resume_or_init(trainer: Trainer, ckpt: Checkpointer, cfg: TrainConfig, log)
     return start
 
 
+def _prepare_workdir(workdir: Path) -> None:
+    """Creates the run folder, with a one-line error when that is impossible."""
+    for parent in (workdir, *workdir.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"run.workdir={str(workdir)!r}: {parent} is a file, not a folder.")
+            break
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(
+            f"run.workdir={str(workdir)!r}: cannot create it ({err.strerror or err})."
+        ) from None
+
+
+class _WorkdirLock:
+    """An exclusive `flock` on WORKDIR/.lock for the run's lifetime (released at exit, even on
+    SIGKILL, by the kernel), so a second run in the same workdir stops instead of interleaving
+    metrics and checkpoints with the first."""
+
+    def __init__(self, workdir: Path) -> None:
+        import fcntl
+
+        self.path = workdir / ".lock"
+        self._file = open(self.path, "a+")  # noqa: SIM115 (closed in release())
+        try:
+            fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.seek(0)
+            owner = self._file.read().strip() or "unknown"
+            self._file.close()
+            raise ValueError(
+                f"run.workdir={str(workdir)!r} is in use by another natjax train (pid {owner}); "
+                "wait for it to finish or use another --workdir."
+            ) from None
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(str(os.getpid()))
+        self._file.flush()
+
+    def release(self) -> None:
+        self._file.close()
+
+
+def _check_finite(trainer: Trainer, ckpt: Checkpointer) -> None:
+    """Stops the run (ValueError) once a step produced a non-finite loss or gradient norm.
+
+    The train step froze the state at that step, so nothing non-finite was saved.
+    """
+    bad = trainer.first_bad_step()
+    if bad is None:
+        return
+    kept = ckpt.steps()
+    raise ValueError(
+        f"the loss or gradient norm became NaN/inf at step {bad + 1}; stopped without saving "
+        f"it. The newest checkpoint ({f'step {kept[-1]}' if kept else 'none yet'}) holds finite "
+        "weights. Lower optim.lr, set optim.grad_clip > 0 or use model.dtype=float32, then "
+        "rerun to resume from it."
+    )
+
+
 def train(cfg: TrainConfig) -> dict:
     """Runs (or resumes) training as configured.
 
@@ -152,12 +221,25 @@ def train(cfg: TrainConfig) -> dict:
     Returns:
       A summary: {"step", "eval": last eval metrics, "workdir", "plot", "interrupted"}.
     """
-    pidx, pcount = jax.process_index(), jax.process_count()
-    is_main = pidx == 0
     workdir = Path(cfg.run.workdir).absolute()
-    progress = _Progress(cfg.run.progress, is_main)
-    log = progress.message
+    lock = None
+    if jax.process_index() == 0:  # first, before any data or model work: fail fast
+        _prepare_workdir(workdir)
+        lock = _WorkdirLock(workdir)
+    try:
+        return _run(cfg, workdir)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _setup(cfg: TrainConfig, workdir: Path, log):
+    """Mesh, data sources and loaders, and the Trainer (parameters initialised on the mesh).
+
+    Returns:
+      `(trainer, loader, eval_loader, total_steps)`.
+    """
+    pidx, pcount = jax.process_index(), jax.process_count()
     mesh = mesh_lib.make_mesh(cfg.mesh)
     train_src = data_lib.make_source(cfg.data, cfg.data.train_split)
     eval_src = data_lib.make_source(cfg.data, cfg.data.eval_split)
@@ -166,7 +248,6 @@ def train(cfg: TrainConfig) -> dict:
     eval_loader = data_lib.EvalLoader(eval_src, cfg.data, pidx, pcount)
     spe = loader.steps_per_epoch
     total = cfg.run.max_steps or max(1, int(round(cfg.optim.epochs * spe)))
-
     trainer = Trainer(cfg, mesh, num_labels, spe)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.state["params"]))
     log(
@@ -174,16 +255,24 @@ def train(cfg: TrainConfig) -> dict:
         f"classes, {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
         f"{total} steps ({spe}/epoch), workdir {workdir}"
     )
+    return trainer, loader, eval_loader, total
 
-    if is_main:
-        workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "train_config.json").write_text(json.dumps(_meta(cfg, 0, num_labels), indent=1))
+
+def _run(cfg: TrainConfig, workdir: Path) -> dict:
+    """Set-up, resume (or init), the step loop, evaluation, checkpoints, plot (see `train`)."""
+    is_main = jax.process_index() == 0
+    progress = _Progress(cfg.run.progress, is_main)
+    log = progress.message
+    trainer, loader, eval_loader, total = _setup(cfg, workdir, log)
+    num_labels, spe = trainer.num_labels, loader.steps_per_epoch
     ckpt = Checkpointer(workdir / "checkpoints", keep=cfg.run.keep_checkpoints)
     try:
         start = _resume_or_init(trainer, ckpt, cfg, log)
     except BaseException:
         ckpt.close()  # e.g. a bad run.init_from: release orbax's threads before raising
         raise
+    if is_main:  # only now: an incompatible workdir keeps its previous run's config
+        (workdir / "train_config.json").write_text(json.dumps(_meta(cfg, 0, num_labels), indent=1))
 
     writer = MetricsWriter(workdir, enabled=is_main)
     stop = {"signal": None}
@@ -214,6 +303,7 @@ def train(cfg: TrainConfig) -> dict:
             metrics = trainer.step(next(batches), step)
             done = step + 1
             if done % cfg.run.log_every == 0 or done == total:
+                _check_finite(trainer, ckpt)
                 m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
                 ips = (done - n_last) * cfg.data.batch_size / max(now - t_last, 1e-9)
@@ -233,8 +323,8 @@ def train(cfg: TrainConfig) -> dict:
                     f"{last_eval['top5']:.4f} loss {last_eval['loss']:.4f} "
                     f"({last_eval['count']} images)"
                 )
-            _inject_fault(done)
             if done % cfg.run.checkpoint_every == 0 or done == total or stop["signal"]:
+                _check_finite(trainer, ckpt)
                 ckpt.save(done, trainer.state, _meta(cfg, done, num_labels))
             if stop["signal"] is not None:
                 log(f"signal {stop['signal']}: checkpoint saved at step {done}; exiting.")

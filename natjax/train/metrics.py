@@ -15,6 +15,7 @@ import math
 import socket
 import struct
 import time
+import warnings
 from pathlib import Path
 
 
@@ -131,7 +132,15 @@ class MetricsWriter:
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{time.time_ns()}"
         self._events = open(tb / name, "ab")  # noqa: SIM115 (closed in close())
         self._events.write(record(encode_event(time.time(), 0, file_version="brain.Event:2")))
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # noqa: SIM115
+        path = self.workdir / "metrics.jsonl"
+        dropped = repair_jsonl(path)
+        if dropped:
+            warnings.warn(
+                f"natjax train: {path} ended in a torn record (a run killed mid-write); "
+                f"removed its {dropped} bytes.",
+                stacklevel=2,
+            )
+        self._jsonl = open(path, "a")  # noqa: SIM115
 
     def write(self, step: int, split: str, values: dict[str, float]) -> None:
         """Records `values` (e.g. {"loss": ...}) for `split` ("train"/"eval") at `step`."""
@@ -150,7 +159,53 @@ class MetricsWriter:
             self._jsonl.close()
 
 
+def repair_jsonl(path: str | Path) -> int:
+    """Truncates a torn last record (no final newline, or not JSON) off a JSON-lines file.
+
+    Returns:
+      The number of bytes removed (0 when the file is intact or absent).
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    raw = path.read_bytes()
+    keep = len(raw)
+    if raw and not raw.endswith(b"\n"):
+        keep = raw.rfind(b"\n") + 1
+    else:
+        last_start = raw.rfind(b"\n", 0, max(keep - 1, 0)) + 1
+        last = raw[last_start:keep].strip()
+        if last and not _is_json(last):
+            keep = last_start
+    if keep == len(raw):
+        return 0
+    with open(path, "r+b") as f:
+        f.truncate(keep)
+    return len(raw) - keep
+
+
+def _is_json(line: bytes) -> bool:
+    try:
+        json.loads(line)
+    except ValueError:
+        return False
+    return True
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl file."""
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a metrics.jsonl file; a torn last line (a kill mid-write) is skipped.
+
+    Raises:
+      ValueError: a line other than the last is not JSON (the file is damaged otherwise).
+    """
+    with open(path, "rb") as f:
+        lines = [line for line in f.read().split(b"\n") if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record.") from None
+    return out
