@@ -307,7 +307,8 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__}; target {topo.devices[0].device_kind} (deviceless), {dtype}")
     if args.tpu:
         print(try_tpu())
-    head = f"{'case':<8} {'impl':<7} {'program':<8} {'GB':>8} {'floor GB':>8} {'ratio':>7} {'kernels':>7}"
+    head = f"{'case':<8} {'impl':<7} {'program':<8} {'GB':>8} {'floor GB':>8} "
+    head += f"{'ratio':>7} {'kernels':>7}"
     print(head + "  top kernels (opcode: launches, GB)")
     rows = []
     for case in args.cases.split(","):
