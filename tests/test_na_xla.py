@@ -10,7 +10,7 @@ import pytest
 from na_base import NABackendTests, loss_and_grads, make_inputs
 
 import natjax
-from natjax.ops.na import ffi, platform
+from natjax.ops.na import platform
 from natjax.ops.na.spec import make_params
 
 
@@ -97,34 +97,20 @@ def test_xla_backward_has_no_scatter_or_gather(band_only):
 
 
 @pytest.mark.parametrize(
-    "spatial,kernel,dilation,with_ffi,without_ffi",
-    [((14, 14), 7, 1, "ffi", "reference"), ((7, 7), 7, 1, "reference", "reference"),
-     ((28, 28), 7, 1, "ffi", "xla"), ((200,), 3, 1, "ffi", "xla"),
-     ((9,), 5, 1, "reference", "reference"), ((56, 56), 7, 8, "xla", "xla")],
+    "spatial,kernel,want",
+    [((14, 14), 7, "reference"), ((7, 7), 7, "reference"), ((28, 28), 7, "xla"),
+     ((200,), 3, "xla"), ((9,), 5, "reference")],
 )  # fmt: skip
-@pytest.mark.parametrize("ffi_installed", [True, False])
-def test_default_implementation_on_cpu(
-    monkeypatch, spatial, kernel, dilation, with_ffi, without_ffi, ffi_installed
-):
-    """None on CPU: the native kernels when installed, except near-dense windows; there (and
-    without them) dense attention for small maps, else xla (both measured faster there). Every
-    choice gives the same result."""
-    if ffi_installed and ffi.unsupported_reason((1, 8, 2, 4), jnp.float32,
-                                                make_params(1, (8,), 4, 3, 1, False, None),
-                                                False) is not None:  # fmt: skip
-        pytest.skip("natjax-ffi is not installed")
-    if not ffi_installed:
-        monkeypatch.setattr(ffi, "unsupported_reason", lambda *a: "not installed")
-    want = with_ffi if ffi_installed else without_ffi
+def test_default_implementation_on_cpu(spatial, kernel, want):
+    """None picks dense attention for small maps on CPU (measured faster there), else xla;
+    both give the same result."""
     shape = (1, *spatial, 2, 8)
     q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
-    params = make_params(len(spatial), spatial, 8, kernel, dilation, False, None)
-    assert platform.cpu_choice(q, params, True) == want
-    if math.prod(spatial) > 400:
-        return  # the choice is what is tested here; large maps are compared elsewhere
+    params = make_params(len(spatial), spatial, 8, kernel, 1, False, None)
+    assert platform.cpu_prefers_dense(spatial, params) == (want == "reference")
     fn = getattr(natjax, f"na{len(spatial)}d")
-    got = fn(q, q, q, kernel, dilation)
-    ref = fn(q, q, q, kernel, dilation, implementation="xla")
+    got = fn(q, q, q, kernel)
+    ref = fn(q, q, q, kernel, implementation="xla")
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 

@@ -41,35 +41,6 @@ def cpu_prefers_dense(spatial: tuple[int, ...], params: NAParams) -> bool:
     return n <= DENSE_MAX_TOKENS and n <= DENSE_MAX_TOKENS_PER_KERNEL_ELEMENT * params.kernel_volume
 
 
-# On CPU the native kernels (natjax-ffi, when installed) beat xla and dense on every case of
-# `python experiments/bench_ffi.py` (forward and forward+backward, 2.1-15x) except where one
-# window covers most of its dilation group (NAT's 7x7 last stage with kernel 7: ffi 0.54x xla
-# forward; DiNAT's dilation 8 at 56x56: 0.83x; 8x8 with kernel 7: 0.60x dense fwd+bwd). There
-# the attention is nearly dense and XLA's matmuls win, so above this fraction dense/xla stay.
-FFI_MAX_WINDOW_FRACTION = 0.5
-
-
-def cpu_choice(q, params: NAParams, has_rpb: bool) -> str:
-    """The CPU backend of `implementation=None`: "ffi", "reference" (dense) or "xla".
-
-    Args:
-      q: the query (shape and dtype are read).
-      params: validated window arguments.
-      has_rpb: whether a bias is given.
-
-    Returns:
-      The backend name.
-    """
-    spatial = tuple(q.shape[1:-2])
-    group = math.prod(-(-n // d) for n, d in zip(spatial, params.dilation, strict=True))
-    if params.kernel_volume <= FFI_MAX_WINDOW_FRACTION * group:
-        from natjax.ops.na import ffi
-
-        if ffi.unsupported_reason(q.shape, q.dtype, params, has_rpb) is None:
-            return "ffi"
-    return "reference" if cpu_prefers_dense(spatial, params) else "xla"
-
-
 def _forward(static, q, k, v, rpb):
     params, tiles = static
     return jax.lax.platform_dependent(
@@ -135,15 +106,11 @@ def na_default(q, k, v, rpb, params: NAParams):
     """
     from natjax.ops.na.reference import na_reference
 
-    choice = cpu_choice(q, params, rpb is not None)
-    if choice == "ffi":
-        from natjax.ops.na.ffi import na_ffi
-
-        cpu = functools.partial(na_ffi, params=params)
-    elif choice == "reference":
-        cpu = functools.partial(na_reference, params=params)
-    else:
-        cpu = functools.partial(band.na_xla, params=params)
+    cpu = (
+        functools.partial(na_reference, params=params)
+        if cpu_prefers_dense(tuple(q.shape[1:-2]), params)
+        else functools.partial(band.na_xla, params=params)
+    )
     return jax.lax.platform_dependent(
         q, k, v, rpb,
         cpu=cpu,
