@@ -45,32 +45,8 @@ os.environ["JAX_PLATFORMS"] = "cpu"  # the CUDA plugin is loaded for compilation
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
-# GpuTargetConfigProto (text) of an H100 SXM 80GB: the fields jaxlib 0.10's XLA reads.
-H100 = """\
-gpu_device_info {
-  threads_per_block_limit: 1024
-  threads_per_warp: 32
-  shared_memory_per_block: 49152
-  shared_memory_per_core: 233472
-  threads_per_core_limit: 2048
-  core_count: 132
-  fpus_per_core: 128
-  block_dim_limit_x: 2147483647
-  block_dim_limit_y: 65535
-  block_dim_limit_z: 65535
-  memory_bandwidth: 3352320000000
-  l2_cache_size: 52428800
-  clock_rate_ghz: 1.98
-  device_memory_size: 84942979072
-  shared_memory_per_block_optin: 232448
-  cuda_compute_capability { major: 9 minor: 0 }
-  registers_per_core_limit: 65536
-  registers_per_block_limit: 65536
-}
-platform_name: "CUDA"
-dnn_version_info { major: 9 minor: 10 patch: 0 }
-device_description_str: "NVIDIA H100 80GB HBM3"
-"""
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gate_ptx import TARGET_PROTO as H100  # noqa: E402  (one H100 target description)
 
 # name -> (batch, spatial, heads, head_dim, kernel, dilation, rpb)
 CASES = {
