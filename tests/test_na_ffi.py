@@ -21,7 +21,7 @@ from na_base import NABackendTests, assert_close
 import natjax
 from natjax.ops.na import ffi
 from natjax.ops.na.reference import dense_mask_and_bias_index
-from natjax.ops.na.spec import axis_windows, make_params
+from natjax.ops.na.spec import NACall, axis_windows, make_params
 
 pytestmark = pytest.mark.skipif(
     not ffi.available(), reason="natjax-ffi is not installed (`make install` builds it)"
@@ -203,8 +203,9 @@ def test_backward_is_deterministic():
 
 def test_unsupported_reason_and_build_info():
     params = make_params(2, (8, 8), 16, 3, 1, False, None)
-    assert ffi.unsupported_reason((1, 8, 8, 2, 16), jnp.float32, params, True) is None
-    assert "int32" in ffi.unsupported_reason((1, 8, 8, 2, 16), jnp.int32, params, False)
+    call = NACall.for_query
+    assert ffi.unsupported_reason(call((1, 8, 8, 2, 16), jnp.float32, params, True)) is None
+    assert "int32" in ffi.unsupported_reason(call((1, 8, 8, 2, 16), jnp.int32, params, False))
     assert "-O3" in ffi.build_info()
 
 

@@ -24,7 +24,7 @@ import jax
 
 from natjax.ops.na import xla as band
 from natjax.ops.na import xla_tiled
-from natjax.ops.na.spec import NAParams
+from natjax.ops.na.spec import NACall, NAParams
 from natjax.ops.na.vjp import na_custom_vjp
 
 # On CPU, dense attention over a small map beats the neighborhood path's fixed costs:
@@ -77,15 +77,18 @@ def na_xla(q, k, v, rpb, params: NAParams):
     Returns:
       (out in q's dtype, lse `[batch, *spatial, heads]` float32 / float64).
     """
+    if not band.supports(NACall.of(q, k, v, rpb, params)):
+        return xla_tiled.na_xla_tiled(q, k, v, rpb, params)  # the tiled path on every platform
     return _na((params, _tiles(q, params)), q, k, v, rpb)
 
 
-def _pallas_or_tiled(q, params: NAParams, has_rpb: bool):
+def _pallas_or_tiled(call: NACall):
     """The CUDA branch of `na_default`: Pallas (compiled, not interpreted) when supported."""
+    params = call.params
     try:
         from natjax.ops.na import pallas_triton
 
-        reason = pallas_triton.unsupported_reason(q.shape, q.dtype, params, has_rpb)
+        reason = pallas_triton.unsupported_reason(call)
     except ImportError as err:  # Pallas/Triton missing from this jaxlib build.
         reason = f"Pallas is unavailable ({err})"
     if reason is None:
@@ -106,14 +109,15 @@ def na_default(q, k, v, rpb, params: NAParams):
     """
     from natjax.ops.na.reference import na_reference
 
-    cpu = (
-        functools.partial(na_reference, params=params)
-        if cpu_prefers_dense(tuple(q.shape[1:-2]), params)
-        else functools.partial(band.na_xla, params=params)
-    )
+    if cpu_prefers_dense(tuple(q.shape[1:-2]), params):
+        cpu = functools.partial(na_reference, params=params)
+    elif band.supports(NACall.of(q, k, v, rpb, params)):
+        cpu = functools.partial(band.na_xla, params=params)
+    else:
+        cpu = functools.partial(xla_tiled.na_xla_tiled, params=params)
     return jax.lax.platform_dependent(
         q, k, v, rpb,
         cpu=cpu,
-        cuda=_pallas_or_tiled(q, params, rpb is not None),
+        cuda=_pallas_or_tiled(NACall.of(q, k, v, rpb, params)),
         default=functools.partial(xla_tiled.na_xla_tiled, params=params),
     )  # fmt: skip
