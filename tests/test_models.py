@@ -405,3 +405,23 @@ def test_parameters_carry_logical_sharding_names():
             specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
         )
     )
+
+
+def test_constructor_keywords_reach_every_class_and_warnings_name_the_caller():
+    """The three classes share one constructor (models/nat.py `_NatModule`): the same keywords
+    reach the trunk and the head, and the attention-dropout warning points at this file, not at
+    natjax's or flax's construction frames."""
+    config = NatConfig(embed_dim=8, depths=(1, 1), num_heads=(1, 1), kernel_size=3, num_labels=3,
+                       attention_probs_dropout_prob=0.1)  # fmt: skip
+    for cls in (NatModel, NatForImageClassification, NatBackbone):
+        with pytest.warns(UserWarning, match="attention_probs_dropout_prob") as record:
+            model = nnx.eval_shape(
+                lambda cls=cls: cls(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, remat=True)
+            )
+        assert {w.filename for w in record} == {__file__}, cls
+        dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
+        assert dtypes == {jnp.dtype(jnp.bfloat16)}, cls
+        trunk = model.nat if cls is NatForImageClassification else model
+        assert all(level.remat for level in trunk.encoder.levels), cls
+    with pytest.raises(ValueError, match="must be a NatConfig"):
+        NatForImageClassification({"embed_dim": 8}, rngs=nnx.Rngs(0))
