@@ -183,15 +183,9 @@ class _Build:
 
 
 class _NatModule(PretrainedMixin, nnx.Module):
-    """The constructor shared by the three model classes; each builds its parts in `_build`.
+    """The constructor shared by the three model classes (arguments: see `NatModel`).
 
-    Args:
-      config: the architecture.
-      rngs: parameter initialisation streams.
-      dtype: computation dtype (e.g. `jnp.bfloat16`); LayerNorm statistics stay float32.
-      param_dtype: parameter storage dtype.
-      attention_implementation: passed to `natjax.na2d` (None picks the fastest available).
-      remat: recompute each NA layer's activations in the backward pass (`nnx.remat`).
+    It resolves the keywords once (`_Build`); each class builds its parts in `_build`.
     """
 
     def __init__(
