@@ -242,6 +242,12 @@ def test_recipe_matches_paper():
     assert dict(cfg.model.overrides)["drop_path_rate"] == 0.2
 
 
+def test_every_config_field_has_one_validation_rule():
+    """`validate` checks only the fields named in `_RULES`: a field added to a dataclass without
+    a rule would go unchecked silently."""
+    assert sorted(C._RULES) == sorted(C.valid_keys())
+
+
 def test_weight_decay_mask_skips_rpb_norms_biases():
     from natjax.train.state import decay_mask
 
