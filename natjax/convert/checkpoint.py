@@ -61,12 +61,8 @@ FORMAT_VERSION = 1
 # safetensors header metadata of natjax checkpoints.
 _META = {"format": "np", "producer": "natjax"}
 
-# Architecture name -> natjax.models class name.
-ARCHITECTURES = {
-    "classification": "NatForImageClassification",
-    "backbone": "NatBackbone",
-    "model": "NatModel",
-}
+# Architecture names ("classification", "backbone", "model"): the model layer's class table.
+ARCHITECTURES = models.MODEL_CLASSES
 EXPORT_FORMATS = ("hf", "original")
 
 
@@ -96,7 +92,7 @@ def _config_from_dict(data: Mapping[str, Any], where: str):
         arch = data.get("architecture")
         if arch not in ARCHITECTURES:
             raise ValueError(
-                f"{where}: architecture={arch!r}; expected one of {list(ARCHITECTURES)}"
+                f"{where}: architecture={arch!r}; expected one of {sorted(ARCHITECTURES)}"
             )
         try:
             return models.NatConfig(**data["config"]), arch
@@ -231,7 +227,7 @@ def instantiate_architecture(
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
-    cls = getattr(models, ARCHITECTURES[architecture])
+    cls = ARCHITECTURES[architecture]
     if abstract and "rngs" not in model_kwargs:
         # The Rngs must be created inside the traced function (nnx trace-level rule).
         return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **model_kwargs))
