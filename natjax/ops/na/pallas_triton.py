@@ -131,25 +131,33 @@ def _table_operands(geo: Geometry, rpb_rows, heads: int):
     return table, meta
 
 
-def _table_specs(geo: Geometry):
+def _flat_spec(size: int):
+    """A 1-D operand read whole by every program. Per-head tables are passed flat (`[h * T]`)
+    and the kernel adds the head's offset to its `[rows]` index vectors: a per-head block would
+    add it to every score's index (Pallas lowers block offsets elementwise)."""
+    return pl.BlockSpec((size,), lambda p, h, b: (0,))
+
+
+def _table_specs(geo: Geometry, heads: int):
     tab = tables(geo)
-    return [_head_spec(tab.table_len, True), _head_spec(tab.meta.size, True)]
+    return [_flat_spec(heads * tab.table_len), _head_spec(tab.meta.size, True)]
 
 
 def _forward_call(geo: Geometry, q, k, v, table, meta):
     b, n, h, dp = q.shape
     out, lse = _call(
-        forward_kernel, geo, "na_pallas_fwd", [_x_spec(geo)] * 3 + _table_specs(geo),
+        forward_kernel, geo, "na_pallas_fwd", [_x_spec(geo)] * 3 + _table_specs(geo, h),
         [_x_spec(geo), _row_spec(geo)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h), jnp.float32)],
         (geo.programs, h, b),
-    )(q, k, v, table, meta)  # fmt: skip
+    )(q, k, v, table.reshape(-1), meta)  # fmt: skip
     return out, lse
 
 
 def _dq_call(geo: Geometry, q, k, v, table, meta, do, lse, di):
     b, n, h, dp = q.shape
-    specs = [_x_spec(geo)] * 3 + _table_specs(geo) + [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
+    specs = [_x_spec(geo)] * 3 + _table_specs(geo, h)
+    specs += [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
     out_specs = [_x_spec(geo)]
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if geo.has_rpb:
@@ -157,16 +165,16 @@ def _dq_call(geo: Geometry, q, k, v, table, meta, do, lse, di):
         out_specs.append(pl.BlockSpec((None, None, eo, ex), lambda p, h, b: (b, h, p, 0)))
         out_shapes.append(jax.ShapeDtypeStruct((b, h, geo.programs * eo, ex), jnp.float32))
     res = _call(dq_kernel, geo, "na_pallas_dq", specs, out_specs, out_shapes,
-                (geo.programs, h, b))(q, k, v, table, meta, do, lse, di)  # fmt: skip
+                (geo.programs, h, b))(q, k, v, table.reshape(-1), meta, do, lse, di)  # fmt: skip
     return res[0], (res[1] if geo.has_rpb else None)
 
 
 def _dkv_call(geo: Geometry, q, k, v, rpb_rows, do, lse, di):
     b, n, h, dp = q.shape
-    base = [_x_spec(geo)] * 3 + ([_head_spec(geo.rpb_len, True)] if geo.has_rpb else [])
+    base = [_x_spec(geo)] * 3 + ([_flat_spec(h * geo.rpb_len)] if geo.has_rpb else [])
     specs = base + [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
     # The dk/dv kernel reads the bias directly, pre-scaled to log2 units.
-    rpb2 = (rpb_rows.astype(jnp.float32) * LOG2E,) if geo.has_rpb else ()
+    rpb2 = (rpb_rows.astype(jnp.float32).reshape(-1) * LOG2E,) if geo.has_rpb else ()
     args = (q, k, v) + rpb2 + (do, lse, di)
     dk, dv = _call(
         dkv_kernel, geo, "na_pallas_dkv", specs, [_x_spec(geo)] * 2,
