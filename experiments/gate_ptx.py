@@ -307,17 +307,48 @@ def _parse_body(body: list[str]) -> list[dict]:
     return ops
 
 
-def _tile_load_slice(ops: list[dict]) -> set[int]:
-    """Indices of the ops that only load matmul operand tiles (K, V, Q, dO rows): the loads
-    whose value reaches a `tt.dot` operand through value-preserving ops, and the address and
-    mask arithmetic used by nothing else. That work scales with keys x head_dim, not with the
-    scores; a contiguous / TMA load replaces it."""
+def _graph(ops: list[dict]) -> tuple[dict[str, int], dict[int, set[int]]]:
+    """(result name -> op index, op index -> indices of its users) within the loop body."""
     by_name = {op["name"]: i for i, op in enumerate(ops) if op["name"]}
     users: dict[int, set[int]] = {i: set() for i in range(len(ops))}
     for i, op in enumerate(ops):
         for v in op["operands"]:
             if v in by_name:
                 users[by_name[v]].add(i)
+    return by_name, users
+
+
+def _score_slice(ops: list[dict], loads: set[int]) -> set[int]:
+    """Indices of the ops that compute on the score block: everything downstream of the first
+    `tt.dot` (the scores) up to and including the reductions and matmul operands it feeds, and
+    everything upstream of those outside the tile loads (the bias/mask lookup, `dO V^T`). Ops
+    on the `[rows]` statistics and the accumulators are past a reduction, so outside."""
+    by_name, users = _graph(ops)
+    first = next(i for i, op in enumerate(ops) if op["kind"] == "tt.dot")
+    down, stack = set(), [first]
+    while stack:
+        i = stack.pop()
+        if i in down:
+            continue
+        down.add(i)
+        if i == first or ops[i]["kind"] not in ("tt.reduce", "tt.dot"):
+            stack += [u for u in users[i] if ops[u]["kind"] != "tt.dot" or u == first]
+    part, stack = set(), list(down)
+    while stack:
+        i = stack.pop()
+        if i in part or i in loads:
+            continue
+        part.add(i)
+        stack += [by_name[v] for v in ops[i]["operands"] if v in by_name]
+    return part
+
+
+def _tile_load_slice(ops: list[dict]) -> set[int]:
+    """Indices of the ops that only load matmul operand tiles (K, V, Q, dO rows): the loads
+    whose value reaches a `tt.dot` operand through value-preserving ops, and the address and
+    mask arithmetic used by nothing else. That work scales with keys x head_dim, not with the
+    scores; a contiguous / TMA load replaces it."""
+    by_name, users = _graph(ops)
 
     def feeds_dot(i, seen=()):
         for u in users[i]:
@@ -358,8 +389,10 @@ def loop_ops_per_score(ttir: str, canonical: bool = True) -> list[dict]:
     by the elements of the loop's first `tt.dot` result (the score block `q k^T`). Scalar ops
     count 1 element (about free). Three sums:
 
-    * `score_ops`: ops over exactly the score block (or reducing it), outside the tile loads:
-      the per-score work proper (bias/mask lookup, scale, softmax, casts), the issue's metric;
+    * `score_ops`: ops over the score block (`_score_slice`: the scores, what they feed up to
+      the reductions and matmuls, and what feeds them, outside the tile loads), counted where
+      their result has exactly the score block's elements: the per-score work proper (bias/mask
+      lookup, scale, softmax, `ds`, casts), the issue's metric;
     * `ops_per_score`: every op outside the tile loads, incl. `[rows]` vectors and accumulator
       rescales (`[rows, head_dim]`);
     * `load_ops_per_element`: the tile loads' address/mask ops and loads (`_tile_load_slice`)
@@ -385,6 +418,7 @@ def loop_ops_per_score(ttir: str, canonical: bool = True) -> list[dict]:
         dots = [op for op in ops if op["kind"] == "tt.dot"]
         score = dots[0]["elements"]
         loads = _tile_load_slice(ops)
+        on_block = _score_slice(ops, loads)
         per_kind: dict[str, float] = {}
         on_scores = layout = load_ops = loaded = 0.0
         for i, op in enumerate(ops):
@@ -398,7 +432,7 @@ def loop_ops_per_score(ttir: str, canonical: bool = True) -> list[dict]:
                 loaded += n if kind == "tt.load" else 0
             else:
                 per_kind[kind] = per_kind.get(kind, 0) + n
-                on_scores += n if n == score else 0
+                on_scores += n if (n == score and i in on_block) else 0
         top = sorted(per_kind.items(), key=lambda kv: -kv[1])[:8]
         out.append(
             dict(
