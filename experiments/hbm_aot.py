@@ -66,6 +66,9 @@ CASES = {
     "video3d": (2, (16, 32, 32), 8, 128, (3, 7, 7), 1, True),
 }
 DENSE_MAX_TOKENS = 8192
+# natjax.ops.na.nonfinite.CONFINED_SCOPE: the name scope of the NaN/inf branch (not imported here:
+# `kernel_traffic` must also read HLO text saved elsewhere).
+CONFINED_SCOPE = "natjax_nonfinite_confined"
 
 # ---------------------------------------------------------------------------------------------
 # Counting kernel bytes in optimised HLO text.
@@ -151,7 +154,7 @@ def parse_hlo(text: str) -> dict[str, list[str]]:
 def kernel_traffic(text: str) -> dict:
     """Bytes (operands + results) and launches of every kernel, loops unrolled by trip count."""
     comps = parse_hlo(text)
-    stats = dict(bytes=0, kernels=0, unknown_trips=0, by_opcode={})
+    stats = dict(bytes=0, kernels=0, unknown_trips=0, by_opcode={}, confined_bytes=0)
     # Optimised HLO prints operands by name only: resolve them to their defining result types.
     result_of: dict[str, str] = {}
     for lines in comps.values():
@@ -181,9 +184,20 @@ def kernel_traffic(text: str) -> dict:
                 visit(_BODY.search(rest).group(1), times * n)
                 continue
             if opcode == "conditional":
+                # natjax's NaN/inf confinement (nonfinite.py) is a cond whose confined branch runs
+                # only for non-finite inputs: its kernels are counted apart (`confined_bytes`),
+                # recognised by their name scope, so `bytes` is the traffic of finite inputs.
                 branches = _BRANCHES.search(rest)
                 for b in branches.group(1).split(",") if branches else []:
-                    visit(b.strip().lstrip("%"), times)
+                    b = b.strip().lstrip("%")
+                    if not any(CONFINED_SCOPE in line for line in comps.get(b, [])):
+                        visit(b, times)
+                        continue
+                    kept = stats["bytes"], stats["kernels"], json.dumps(stats["by_opcode"])
+                    visit(b, times)
+                    stats["confined_bytes"] += stats["bytes"] - kept[0]
+                    stats["bytes"], stats["kernels"] = kept[:2]
+                    stats["by_opcode"] = json.loads(kept[2])
                 continue
             if opcode == "call":
                 visit(_CALLS.search(rest).group(1), times)
@@ -338,6 +352,8 @@ def main(argv=None) -> int:
                     if st["unknown_trips"]
                     else ""
                 )
+                if st["confined_bytes"]:  # the NaN/inf branch (not run for finite inputs)
+                    flag += f" [+{st['confined_bytes'] / 1e9:.2f} GB if q/k/v hold NaN/inf]"
                 print(
                     f"{case:<8} {impl:<7} {program:<8} {st['bytes'] / 1e9:8.2f} {floor / 1e9:8.3f} "
                     f"{st['bytes'] / floor:7.1f} {st['kernels']:7d}  {top_s}{flag}"
@@ -347,7 +363,8 @@ def main(argv=None) -> int:
                 rows.append(
                     dict(case=case, impl=impl, program=program, bytes=st["bytes"], floor=floor,
                          ratio=st["bytes"] / floor, kernels=st["kernels"],
-                         by_opcode=st["by_opcode"], unknown_trips=st["unknown_trips"])
+                         by_opcode=st["by_opcode"], unknown_trips=st["unknown_trips"],
+                         confined_bytes=st["confined_bytes"])
                 )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

@@ -119,7 +119,7 @@ def test_index_must_agree_with_its_shards(tmp_path, golden_weights):
 def _natjax_checkpoint(tmp_path, transform=None):
     """A natjax-layout checkpoint of the nat_rand config with zero weights (nothing initialised)."""
     config, arch = checkpoint.resolve_config(golden_dir("nat_rand") / "config.json")
-    model = checkpoint.build_model(config, arch, abstract=True)
+    model = checkpoint.instantiate_architecture(config, arch, abstract=True)
     state = {
         "/".join(map(str, path)): np.zeros(var.get_value().shape, var.get_value().dtype)
         for path, var in checkpoint.nnx.to_flat_state(checkpoint._persistent_state(model))

@@ -32,7 +32,13 @@ from safetensors.numpy import save_file
 
 import natjax.models as models
 from natjax.convert import torch_zip
-from natjax.convert.hf import key_table, kind_from_hf_config, model_kind, nnx_to_hf, param_variables
+from natjax.convert.hf import key_table, model_kind, nnx_to_hf, param_variables
+from natjax.convert.hf_config import (
+    from_hf_config,
+    kind_from_hf_config,
+    read_json_object,
+    to_hf_config,
+)
 from natjax.convert.original import check_state_dict, hf_to_original, is_original_layout
 from natjax.convert.weights import (  # noqa: F401 (WEIGHT_SUFFIXES: re-exported)
     WEIGHT_SUFFIXES,
@@ -55,12 +61,8 @@ FORMAT_VERSION = 1
 # safetensors header metadata of natjax checkpoints.
 _META = {"format": "np", "producer": "natjax"}
 
-# Architecture name -> natjax.models class name.
-ARCHITECTURES = {
-    "classification": "NatForImageClassification",
-    "backbone": "NatBackbone",
-    "model": "NatModel",
-}
+# Architecture names ("classification", "backbone", "model"): the model layer's class table.
+ARCHITECTURES = models.MODEL_CLASSES
 EXPORT_FORMATS = ("hf", "original")
 
 
@@ -71,13 +73,11 @@ def _architecture_from_hf(config_dict: Mapping[str, Any]) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    """`read_json_object` (bounded size and nesting), its errors prefixed with the path."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        return read_json_object(path)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def _config_from_dict(data: Mapping[str, Any], where: str):
@@ -92,13 +92,13 @@ def _config_from_dict(data: Mapping[str, Any], where: str):
         arch = data.get("architecture")
         if arch not in ARCHITECTURES:
             raise ValueError(
-                f"{where}: architecture={arch!r}; expected one of {list(ARCHITECTURES)}"
+                f"{where}: architecture={arch!r}; expected one of {sorted(ARCHITECTURES)}"
             )
         try:
             return models.NatConfig(**data["config"]), arch
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where}: invalid natjax config ({err})") from None
-    return models.NatConfig.from_hf_config(dict(data)), _architecture_from_hf(data)
+    return from_hf_config(data), _architecture_from_hf(data)
 
 
 def resolve_config(config: Any):
@@ -210,10 +210,10 @@ def load_nnx_flat_state(model: nnx.Module, state: Mapping[str, np.ndarray], what
     nnx.update(model, nnx.from_flat_state(updated))
 
 
-def build_model(
+def instantiate_architecture(
     config, architecture: str = "classification", *, abstract: bool = False, **model_kwargs
 ) -> nnx.Module:
-    """A natjax model of `architecture` for `config`.
+    """An instance of the natjax model class named by `architecture`, built for `config`.
 
     Args:
       config: the `NatConfig`.
@@ -221,10 +221,13 @@ def build_model(
       abstract: build it with `nnx.eval_shape` (parameters are shapes only, nothing is
         initialised; they must all be filled before use); ignored when `rngs` is given.
       **model_kwargs: constructor keywords (`rngs` defaults to `nnx.Rngs(0)`).
+
+    Returns:
+      The (possibly abstract) `NatForImageClassification`, `NatBackbone` or `NatModel`.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
-    cls = getattr(models, ARCHITECTURES[architecture])
+    cls = ARCHITECTURES[architecture]
     if abstract and "rngs" not in model_kwargs:
         # The Rngs must be created inside the traced function (nnx trace-level rule).
         return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **model_kwargs))
@@ -332,7 +335,7 @@ def export_pretrained(model: nnx.Module, directory: str | os.PathLike, format: s
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    hf_config = model.config.to_hf_config(arch)
+    hf_config = to_hf_config(model.config, arch)
     (directory / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     state = {k: np.ascontiguousarray(v) for k, v in nnx_to_hf(model).items()}
     _save_preprocessing(model, directory)

@@ -145,7 +145,7 @@ def hf_state(ckp: Checkpoint) -> dict[str, np.ndarray]:
     if ckp.layout == "original":
         return _original_to_hf(ckp.state, ckp.config.model_type)
     if ckp.layout == "natjax":
-        source = ckpt.build_model(ckp.config, ckp.architecture, abstract=True)
+        source = ckpt.instantiate_architecture(ckp.config, ckp.architecture, abstract=True)
         ckpt.load_nnx_flat_state(source, ckp.state, f"loading {ckp.source} (natjax layout)")
         return nnx_to_hf(source)
     return dict(ckp.state)
@@ -276,12 +276,12 @@ def from_pretrained(
     logger.info("%s: %s layout, %s, %s", ckp.source, ckp.layout, architecture, config.describe())
     if ckp.layout == "natjax" and config == ckp.config and architecture == ckp.architecture:
         # Same model as saved: fill it straight from the natjax layout.
-        model = ckpt.build_model(config, architecture, abstract=True, **model_kwargs)
+        model = ckpt.instantiate_architecture(config, architecture, abstract=True, **model_kwargs)
         what = f"loading {ckp.source} (natjax layout) into {type(model).__name__}"
         ckpt.load_nnx_flat_state(model, ckp.state, what)
         ckpt._check_filled(model, what)
         return _with_preprocessing(model, ckp)
-    shell = ckpt.build_model(config, architecture, abstract=True, **model_kwargs)
+    shell = ckpt.instantiate_architecture(config, architecture, abstract=True, **model_kwargs)
     what = f"loading {ckp.source} ({ckp.layout} layout) into {type(shell).__name__}"
     state, fresh = adapt_state(
         shell,
@@ -292,7 +292,7 @@ def from_pretrained(
         what=what,
     )
     # Fresh tensors need real initial values: only then is the model initialised concretely.
-    model = ckpt.build_model(config, architecture, **model_kwargs) if fresh else shell
+    model = ckpt.instantiate_architecture(config, architecture, **model_kwargs) if fresh else shell
     hf_to_nnx(model, state, strict=not fresh)
     ckpt._check_filled(model, what)
     return _with_preprocessing(model, ckp)
