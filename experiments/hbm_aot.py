@@ -89,6 +89,7 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _CALLS = re.compile(r"\b(?:to_apply|calls)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRUE_FALSE = re.compile(r"\b(?:true|false)_computation=%?([\w.\-]+)")  # a two-way cond
 # Opcodes that launch nothing (metadata, aliasing, control flow handled separately).
 _FREE = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
@@ -188,7 +189,8 @@ def kernel_traffic(text: str) -> dict:
                 # only for non-finite inputs: its kernels are counted apart (`confined_bytes`),
                 # recognised by their name scope, so `bytes` is the traffic of finite inputs.
                 branches = _BRANCHES.search(rest)
-                for b in branches.group(1).split(",") if branches else []:
+                names = branches.group(1).split(",") if branches else _TRUE_FALSE.findall(rest)
+                for b in names:
                     b = b.strip().lstrip("%")
                     if not any(CONFINED_SCOPE in line for line in comps.get(b, [])):
                         visit(b, times)
