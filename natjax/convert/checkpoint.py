@@ -33,12 +33,7 @@ from safetensors.numpy import save_file
 import natjax.models as models
 from natjax.convert import torch_zip
 from natjax.convert.hf import key_table, model_kind, nnx_to_hf, param_variables
-from natjax.convert.hf_config import (
-    from_hf_config,
-    kind_from_hf_config,
-    read_json_object,
-    to_hf_config,
-)
+from natjax.convert.hf_config import from_hf_config, kind_from_hf_config, to_hf_config
 from natjax.convert.original import check_state_dict, hf_to_original, is_original_layout
 from natjax.convert.weights import (  # noqa: F401 (WEIGHT_SUFFIXES: re-exported)
     WEIGHT_SUFFIXES,
@@ -46,6 +41,7 @@ from natjax.convert.weights import (  # noqa: F401 (WEIGHT_SUFFIXES: re-exported
     read_sharded,
     read_weights,
 )
+from natjax.models.json_file import read_json_object
 from natjax.models.preprocessing import PREPROCESSOR_NAME, PreprocessConfig
 
 logger = logging.getLogger(__name__)
