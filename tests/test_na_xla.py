@@ -71,7 +71,8 @@ def test_xla_materialises_nothing_quadratic(spatial, kernel, dilation, causal, b
     fn = getattr(natjax, f"na{len(spatial)}d")
 
     def loss(q, k, v, rpb):
-        return jnp.sum(fn(q, k, v, kernel, dilation, causal, rpb=rpb, implementation="xla"))
+        return jnp.sum(fn(q, k, v, kernel, dilation=dilation, is_causal=causal, rpb=rpb,
+                          implementation="xla"))  # fmt: skip
 
     n = math.prod(spatial)
     logits = batch * heads * n * math.prod(kernel)

@@ -24,29 +24,11 @@ from natjax.train.config import (
 
 def get_config() -> TrainConfig:
     """Fine-tuning defaults; set run.init_from (or --init-from) and data.dataset."""
+    # Only what differs from the dataclass defaults (the ImageNet recipe) is spelled out.
     return TrainConfig(
         model=ModelConfig(preset="nat_mini", overrides=(("drop_path_rate", 0.1),)),
-        data=DataConfig(
-            dataset="oxford_flowers102",
-            train_split="train",
-            eval_split="validation",
-            image_size=224,
-            batch_size=128,
-            eval_batch_size=256,
-            num_workers=8,
-        ),
-        augment=AugmentConfig(
-            rrc_scale=(0.08, 1.0), randaugment_m=9, mixup=0.0, cutmix=0.0, erase_prob=0.0
-        ),
-        optim=OptimConfig(
-            lr=1e-4,
-            base_batch_size=512,
-            weight_decay=0.05,
-            epochs=30,
-            warmup_epochs=2,
-            warmup_lr=1e-6,
-            min_lr=1e-6,
-            grad_clip=5.0,
-        ),
+        data=DataConfig(dataset="oxford_flowers102", num_workers=8),
+        augment=AugmentConfig(randaugment_m=9),
+        optim=OptimConfig(lr=1e-4, base_batch_size=512, epochs=30, warmup_epochs=2, min_lr=1e-6),
         run=RunConfig(workdir="runs/finetune", log_every=20, checkpoint_every=500),
     )

@@ -81,7 +81,8 @@ def register(sub) -> None:
 
 
 def run_train(args) -> int:
-    from natjax.train.config import apply_overrides, load_config
+    from natjax.train.config import apply_overrides
+    from natjax.train.defaults import load_config
 
     cfg = load_config(args.config)
     sets = list(args.set)

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from natjax.ops.na.merge import merge_attentions
+from natjax.ops.na.nonfinite import confine_nonfinite
 from natjax.ops.na.spec import NACall, make_params
 
 # name -> (module, function). Imported lazily so that e.g. Pallas is only loaded when used.
@@ -194,7 +195,7 @@ def _neighborhood_attention(
         # Chosen per lowering platform (platform.py), never from the host's default backend.
         from natjax.ops.na.platform import na_default
 
-        out, lse = na_default(query, key, value, rpb, params)
+        out, lse = confine_nonfinite(na_default, query, key, value, rpb, params)
     else:
         if impl not in _BACKENDS:
             raise ValueError(
@@ -205,7 +206,8 @@ def _neighborhood_attention(
         reason = unsupported_reason(impl, call)
         if reason is not None:
             raise ValueError(f"na{ndim}d: implementation={impl!r} cannot run this call: {reason}")
-        out, lse = _backend(impl)(query, key, value, rpb, params)
+        # NaN/inf stay in the queries whose neighborhood holds them, as in NATTEN (nonfinite.py).
+        out, lse = confine_nonfinite(_backend(impl), query, key, value, rpb, params)
     if n_extra:
         out_x, lse_x = _extra_attention(query, extra_k, extra_v, params.scale)
         out, lse = merge_attentions([out, out_x], [lse, lse_x.astype(lse.dtype)])
