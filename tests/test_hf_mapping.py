@@ -12,8 +12,9 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file
 
-from natjax.convert.hf import hf_to_nnx, key_table, kind_from_hf_config, nnx_to_hf
-from natjax.models import NatBackbone, NatConfig, NatForImageClassification, NatModel
+from natjax.convert.hf import hf_to_nnx, key_table, nnx_to_hf
+from natjax.convert.hf_config import from_hf_config, kind_from_hf_config
+from natjax.models import NatBackbone, NatForImageClassification, NatModel
 
 DATA = Path(__file__).parent / "data" / "models"
 CLASSES = {
@@ -28,7 +29,7 @@ def _abstract(cls, config, **kwargs):
 
 
 def _golden(name):
-    config = NatConfig.from_hf_config(DATA / name / "config.json")
+    config = from_hf_config(DATA / name / "config.json")
     return config, load_file(str(DATA / name / "model.safetensors"))
 
 

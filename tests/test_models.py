@@ -22,6 +22,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from natjax.convert.hf import hf_to_nnx
+from natjax.convert.hf_config import from_hf_config, to_hf_config
 from natjax.models import (
     PRESETS,
     NatBackbone,
@@ -44,7 +45,7 @@ RTOL, ATOL_FRACTION = 1e-5, 1e-5
 
 def _load(name: str, implementation: str | None = "reference", **kwargs):
     family = next(m["family"] for m in GOLDEN if m["name"] == name)
-    config = NatConfig.from_hf_config(DATA / name / "config.json")
+    config = from_hf_config(DATA / name / "config.json")
     cls = CLASSES[family]
     model = nnx.eval_shape(
         lambda: cls(config, rngs=nnx.Rngs(0), attention_implementation=implementation, **kwargs)
@@ -142,7 +143,7 @@ def test_dinat_presets_match_nat_and_alternate_dilation():
 @pytest.mark.parametrize("name", ["nat_rand", "dinat_rand", "nat_backbone_rand"])
 def test_from_hf_config_golden(name):
     raw = json.loads((DATA / name / "config.json").read_text())
-    config = NatConfig.from_hf_config(DATA / name)
+    config = from_hf_config(DATA / name)
     spec = next(m["config"] for m in GOLDEN if m["name"] == name)
     assert config.model_type == raw["model_type"]
     for key, value in spec.items():
@@ -151,24 +152,24 @@ def test_from_hf_config_golden(name):
         assert got == (tuple(want) if isinstance(want, list) else want), key
     assert config.out_features == tuple(raw["out_features"])
     assert config.num_labels == len(raw.get("id2label", {0: 0, 1: 1}))
-    exported = config.to_hf_config("backbone" if "backbone" in name else "classification")
+    exported = to_hf_config(config, "backbone" if "backbone" in name else "classification")
     assert exported["architectures"] == raw["architectures"]
     for key in raw:
         if key not in ("transformers_version",):
             assert exported[key] == raw[key], key
-    assert NatConfig.from_hf_config(exported) == config
+    assert from_hf_config(exported) == config
 
 
 def test_from_hf_config_rejects_unknown_and_bad_fields():
     raw = json.loads((DATA / "nat_rand" / "config.json").read_text())
     with pytest.raises(ValueError, match=r"unknown keys \['foo', 'window_size'\]"):
-        NatConfig.from_hf_config({**raw, "foo": 1, "window_size": 7})
+        from_hf_config({**raw, "foo": 1, "window_size": 7})
     with pytest.raises(ValueError, match="model_type.*swin"):
-        NatConfig.from_hf_config({**raw, "model_type": "swin"})
+        from_hf_config({**raw, "model_type": "swin"})
     with pytest.raises(ValueError, match="hidden_size"):
-        NatConfig.from_hf_config({**raw, "hidden_size": 64})
+        from_hf_config({**raw, "hidden_size": 64})
     with pytest.raises(FileNotFoundError):
-        NatConfig.from_hf_config(DATA / "missing")
+        from_hf_config(DATA / "missing")
 
 
 @pytest.mark.parametrize(
@@ -222,16 +223,16 @@ def test_config_json_errors_name_file_and_field(tmp_path):
     for data, match in cases:
         path.write_text(json.dumps(data))  # json writes NaN / Infinity, as the issue's files
         with pytest.raises(ValueError, match=f"^{path}: NatConfig: invalid {re.escape(match)}"):
-            NatConfig.from_hf_config(path)
+            from_hf_config(path)
     path.write_bytes(b'{"model_type": "nat", "embed_dim": "\xff\xfe"}')
     with pytest.raises(ValueError, match=f"^{path}: not UTF-8 text"):
-        NatConfig.from_hf_config(path)
+        from_hf_config(path)
     path.write_text('{"model_type": ' + "[" * 100_000 + "]" * 100_000 + "}")
     with pytest.raises(ValueError, match=f"^{path}: JSON nested 100001 levels deep"):
-        NatConfig.from_hf_config(tmp_path)
+        from_hf_config(tmp_path)
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="does not hold a JSON object"):
-        NatConfig.from_hf_config(path)
+        from_hf_config(path)
 
 
 def test_many_labels_are_lazy_and_bounded():
@@ -404,3 +405,23 @@ def test_parameters_carry_logical_sharding_names():
             specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
         )
     )
+
+
+def test_constructor_keywords_reach_every_class_and_warnings_name_the_caller():
+    """The three classes share one constructor (models/nat.py `_NatModule`): the same keywords
+    reach the trunk and the head, and the attention-dropout warning points at this file, not at
+    natjax's or flax's construction frames."""
+    config = NatConfig(embed_dim=8, depths=(1, 1), num_heads=(1, 1), kernel_size=3, num_labels=3,
+                       attention_probs_dropout_prob=0.1)  # fmt: skip
+    for cls in (NatModel, NatForImageClassification, NatBackbone):
+        with pytest.warns(UserWarning, match="attention_probs_dropout_prob") as record:
+            model = nnx.eval_shape(
+                lambda cls=cls: cls(config, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16, remat=True)
+            )
+        assert {w.filename for w in record} == {__file__}, cls
+        dtypes = {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
+        assert dtypes == {jnp.dtype(jnp.bfloat16)}, cls
+        trunk = model.nat if cls is NatForImageClassification else model
+        assert all(level.remat for level in trunk.encoder.levels), cls
+    with pytest.raises(ValueError, match="must be a NatConfig"):
+        NatForImageClassification({"embed_dim": 8}, rngs=nnx.Rngs(0))

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 from na_base import NABackendTests, assert_close
 
 import natjax
-from natjax.ops.na import ffi
+from natjax.ops.na import ffi, platform
 from natjax.ops.na.reference import dense_mask_and_bias_index
 from natjax.ops.na.spec import axis_windows, make_params
 
@@ -206,6 +207,61 @@ def test_unsupported_reason_and_build_info():
     assert ffi.unsupported_reason((1, 8, 8, 2, 16), jnp.float32, params, True) is None
     assert "int32" in ffi.unsupported_reason((1, 8, 8, 2, 16), jnp.int32, params, False)
     assert "-O3" in ffi.build_info()
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,with_ffi,without_ffi",
+    [((14, 14), 7, 1, "ffi", "reference"), ((7, 7), 7, 1, "reference", "reference"),
+     ((8, 8), 7, 1, "ffi", "reference"), ((28, 28), 7, 1, "ffi", "xla"),
+     ((200,), 3, 1, "ffi", "xla"), ((9,), 5, 1, "ffi", "reference"),
+     ((9,), 9, 1, "reference", "reference"), ((56, 56), 7, 8, "xla", "xla")],
+)  # fmt: skip
+@pytest.mark.parametrize("installed", [True, False])
+def test_default_implementation_on_cpu(monkeypatch, spatial, kernel, dilation, with_ffi,
+                                       without_ffi, installed):  # fmt: skip
+    """None on CPU: the native kernels where measured faster (platform.cpu_choice), else dense
+    for small maps and xla otherwise, also when natjax-ffi is missing; the CPU program of None
+    calls the kernels exactly when chosen, and every choice gives the same result."""
+    if not installed:
+        monkeypatch.setattr(ffi, "unsupported_reason", lambda *a: "not installed")
+    want = with_ffi if installed else without_ffi
+    shape = (1, *spatial, 2, 8)
+    q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+    params = make_params(len(spatial), spatial, 8, kernel, dilation, False, None)
+    assert platform.cpu_choice(q, params, False) == want
+    fn = getattr(natjax, f"na{len(spatial)}d")
+    default = jax.jit(lambda q: fn(q, q, q, kernel, dilation))
+    assert (ffi.FFI_TARGETS[0] in default.lower(q).as_text()) == (want == "ffi")
+    ref = fn(q, q, q, kernel, dilation, implementation="xla")
+    assert_close(default(q), ref, 1e-5, 1e-5, f"None ({want})")
+
+
+def test_export_for_cpu_and_cuda():
+    """Exported for CUDA, None contains no FFI call (only the lowering platform's branch is
+    lowered); for CPU jax.export refuses the kernels' custom calls unless their checks are
+    disabled (`ffi.export_disabled_checks`), and the exported program then runs here."""
+    rng = np.random.default_rng(5)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 16, 2, 8)), jnp.float32) for _ in range(3))
+    rpb = jnp.asarray(rng.standard_normal((2, 9, 9)), jnp.float32)
+
+    def grads(q, k, v, rpb):
+        loss = lambda *a: jnp.sum(jnp.sin(natjax.na2d(*a[:3], 5, rpb=a[3])))  # noqa: E731
+        return jax.grad(loss, (0, 1, 2, 3))(q, k, v, rpb)
+
+    triton = export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+    cuda = export.export(jax.jit(grads), platforms=("cuda",), disabled_checks=[triton])
+    text = cuda(q, k, v, rpb).mlir_module()
+    assert not any(target in text for target in ffi.FFI_TARGETS)
+    with pytest.raises(ValueError, match="natjax_na_fwd"):
+        export.export(jax.jit(grads), platforms=("cpu",))(q, k, v, rpb)
+    exp = export.export(
+        jax.jit(grads), platforms=("cpu",), disabled_checks=ffi.export_disabled_checks()
+    )(q, k, v, rpb)
+    text = exp.mlir_module()
+    assert all(target in text for target in ffi.FFI_TARGETS)
+    want = jax.jit(grads)(q, k, v, rpb)  # (serialize() would need the flatbuffers package)
+    for got, w, name in zip(exp.call(q, k, v, rpb), want, "qkvb", strict=True):
+        assert_close(got, w, 1e-6, 1e-6, f"d{name} after export")
 
 
 _MISSING_SCRIPT = """

@@ -9,7 +9,7 @@ from jax import export
 from na_base import TOLERANCES, NABackendTests, assert_close, make_inputs
 
 import natjax
-from natjax.ops.na import xla_tiled
+from natjax.ops.na import ffi, xla_tiled
 from natjax.ops.na.reference import na_reference
 from natjax.ops.na.spec import make_params
 
@@ -90,7 +90,9 @@ def test_no_float32_copies_of_bf16_inputs():
 
 
 def _lowered(fn, platform, *args):
-    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    # None on CPU may run natjax-ffi's kernels, custom calls jax.export refuses by default.
+    checks = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton"),
+              *ffi.export_disabled_checks()]  # fmt: skip
     exp = export.export(jax.jit(fn), platforms=(platform,), disabled_checks=checks)(*args)
     return exp.mlir_module()
 

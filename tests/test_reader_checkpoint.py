@@ -108,7 +108,7 @@ def test_index_must_agree_with_its_shards(tmp_path, golden_weights):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         natjax.from_pretrained(folder)
     (folder / INDEX).write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(ValueError, match=r"index\.json: JSON nested too deeply"):
+    with pytest.raises(ValueError, match=r"index\.json: JSON nested 100000 levels deep"):
         natjax.from_pretrained(folder)
     (folder / INDEX).write_bytes(b'{"weight_map": {"a": "\xff"}}')
     with pytest.raises(ValueError, match=r"index\.json: not UTF-8"):
@@ -119,7 +119,7 @@ def test_index_must_agree_with_its_shards(tmp_path, golden_weights):
 def _natjax_checkpoint(tmp_path, transform=None):
     """A natjax-layout checkpoint of the nat_rand config with zero weights (nothing initialised)."""
     config, arch = checkpoint.resolve_config(golden_dir("nat_rand") / "config.json")
-    model = checkpoint.build_model(config, arch, abstract=True)
+    model = checkpoint.instantiate_architecture(config, arch, abstract=True)
     state = {
         "/".join(map(str, path)): np.zeros(var.get_value().shape, var.get_value().dtype)
         for path, var in checkpoint.nnx.to_flat_state(checkpoint._persistent_state(model))

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from natjax.train import config as C
+from natjax.train.defaults import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MODEL = (
@@ -30,7 +31,7 @@ def _tiny_trainer(*extra: str, class_names=None):
     from natjax.train import mesh as mesh_lib
     from natjax.train.state import Trainer
 
-    cfg = C.apply_overrides(C.load_config(None), [*TINY, *extra])
+    cfg = C.apply_overrides(load_config(None), [*TINY, *extra])
     mesh = mesh_lib.make_mesh(cfg.mesh)
     return cfg, Trainer(cfg, mesh, 10, steps_per_epoch=10, class_names=class_names)
 
@@ -80,7 +81,7 @@ def _pretrained(tmp_path: Path, num_labels: int, **fields) -> Path:
     import natjax
     from natjax.train.state import nat_config
 
-    cfg = C.apply_overrides(C.load_config(None), TINY)
+    cfg = C.apply_overrides(load_config(None), TINY)
     config = dataclasses.replace(nat_config(cfg, num_labels), **fields)
     model = natjax.NatForImageClassification(config, rngs=nnx.Rngs(7))
     return natjax.save_pretrained(model, tmp_path / "pre")
@@ -94,7 +95,7 @@ def test_init_from_takes_the_checkpoints_architecture(tmp_path):
     messages = []
     # The run names another architecture (the digits default's); the checkpoint's wins, and
     # the run's own override (drop-path) stays on top of it.
-    base = C.apply_overrides(C.load_config(None), ["model.overrides={'drop_path_rate': 0.05}"])
+    base = C.apply_overrides(load_config(None), ["model.overrides={'drop_path_rate': 0.05}"])
     cfg = with_checkpoint_architecture(
         C.apply_overrides(base, [f"run.init_from={src}"]), messages.append
     )
@@ -246,7 +247,7 @@ def test_every_recipe_loads_by_name_and_is_packaged():
         cfg = recipes.load(name)
         assert isinstance(cfg, C.TrainConfig), name
         # The experiment file and the packaged recipe are the same config.
-        assert C.load_config(ROOT / "experiments" / "configs" / f"{name}.py") == cfg, name
+        assert load_config(ROOT / "experiments" / "configs" / f"{name}.py") == cfg, name
     assert recipes.load("nat_tiny_in1k").model.preset == "nat_tiny"
     with pytest.raises(ValueError, match=r"--config 'nat_tiny_in1kk'.*did you mean nat_tiny_in1k"):
         recipes.load("nat_tiny_in1kk")

@@ -166,28 +166,6 @@ def model_kind(model: nnx.Module) -> str:
     )
 
 
-_HF_ARCHITECTURES = {
-    "NatForImageClassification": "classification",
-    "DinatForImageClassification": "classification",
-    "NatModel": "model",
-    "DinatModel": "model",
-    "NatBackbone": "backbone",
-    "DinatBackbone": "backbone",
-}
-
-
-def kind_from_hf_config(config: Mapping[str, Any]) -> str:
-    """The model kind named by a HF `config.json`'s `architectures` ("classification" if absent)."""
-    archs = config.get("architectures") or ["NatForImageClassification"]
-    if isinstance(archs, str):
-        archs = [archs]
-    if archs[0] not in _HF_ARCHITECTURES:
-        raise ValueError(
-            f"Unsupported `architectures`={archs!r}; expected one of {sorted(_HF_ARCHITECTURES)}."
-        )
-    return _HF_ARCHITECTURES[archs[0]]
-
-
 def kind_from_hf_keys(keys) -> str:
     """Guesses the model kind from a HF state dict's keys."""
     keys = list(keys)

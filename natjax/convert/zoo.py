@@ -15,7 +15,7 @@ from typing import Any
 from flax import nnx
 
 from natjax.convert import hub
-from natjax.convert.checkpoint import build_model
+from natjax.convert.checkpoint import instantiate_architecture
 from natjax.convert.loading import from_pretrained, split_kwargs, target_config
 from natjax.models import get_config, get_preset, list_presets
 
@@ -80,7 +80,7 @@ def create_model(
     if not pretrained:
         config_overrides, model_kwargs = split_kwargs(overrides)
         config = target_config(get_config(name), num_labels, config_overrides)
-        return build_model(config, architecture, **model_kwargs)
+        return instantiate_architecture(config, architecture, **model_kwargs)
     source = weights or PRETRAINED.get(name)
     if source is None:
         have = [n for n in list_presets() if n in PRETRAINED]

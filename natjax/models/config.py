@@ -1,8 +1,10 @@
 """`NatConfig`: the one configuration of NAT (arXiv 2204.07143) and DiNAT (arXiv 2209.15001).
 
 Field names and defaults follow Hugging Face `NatConfig` / `DinatConfig` (transformers 4.52), so a
-`config.json` maps onto it one to one. DiNAT is NAT with per-layer dilations: `model_type="dinat"`
-plus `dilations` (one list per stage, one entry per layer); NAT has `dilations=None`.
+`config.json` maps onto it one to one; the translation (`from_hf_config` / `to_hf_config`) is the
+converter's, in `natjax.convert.hf_config`. DiNAT is NAT with per-layer dilations:
+`model_type="dinat"` plus `dilations` (one list per stage, one entry per layer); NAT has
+`dilations=None`.
 
 The config is a frozen, hashable dataclass (lists are normalised to tuples, `id2label` to a tuple
 of names) so that models can keep it as static metadata under `jax.jit`.
@@ -11,10 +13,7 @@ of names) so that models can keep it as static metadata under `jax.jit`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import re
 import reprlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,83 +23,6 @@ HIDDEN_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
 
 # Hugging Face `DinatConfig` default dilations (for the default depths (3, 4, 6, 5), 224x224 input).
 DINAT_DEFAULT_DILATIONS = ((1, 8, 1), (1, 4, 1, 4), (1, 2, 1, 2, 1, 2), (1, 1, 1, 1, 1))
-
-# Keys a Hugging Face NAT/DiNAT `config.json` may carry that do not change the network: derived
-# values (hidden_size, num_layers, stage_names, label2id, checked for consistency where derivable),
-# bookkeeping, initialisation-only settings and generic `PretrainedConfig` fields.
-HF_IGNORED_KEYS = frozenset(
-    {
-        "_attn_implementation_autoset",
-        "_name_or_path",
-        "add_cross_attention",
-        "architectures",
-        "bad_words_ids",
-        "begin_suppress_tokens",
-        "bos_token_id",
-        "chunk_size_feed_forward",
-        "cross_attention_hidden_size",
-        "decoder_start_token_id",
-        "diversity_penalty",
-        "do_sample",
-        "early_stopping",
-        "encoder_no_repeat_ngram_size",
-        "eos_token_id",
-        "exponential_decay_length_penalty",
-        "finetuning_task",
-        "forced_bos_token_id",
-        "forced_eos_token_id",
-        "hidden_size",
-        "initializer_range",
-        "is_decoder",
-        "is_encoder_decoder",
-        "label2id",
-        "length_penalty",
-        "max_length",
-        "min_length",
-        "no_repeat_ngram_size",
-        "num_beam_groups",
-        "num_beams",
-        "num_layers",
-        "num_return_sequences",
-        "output_attentions",
-        "output_hidden_states",
-        "output_scores",
-        "pad_token_id",
-        "prefix",
-        "problem_type",
-        "pruned_heads",
-        "remove_invalid_values",
-        "repetition_penalty",
-        "return_dict",
-        "return_dict_in_generate",
-        "sep_token_id",
-        "stage_names",
-        "suppress_tokens",
-        "task_specific_params",
-        "temperature",
-        "tf_legacy_loss",
-        "tie_encoder_decoder",
-        "tie_word_embeddings",
-        "tokenizer_class",
-        "top_k",
-        "top_p",
-        "torch_dtype",
-        "torchscript",
-        "transformers_version",
-        "typical_p",
-        "use_bfloat16",
-    }
-)
-
-_ARCHITECTURES = {
-    ("nat", "classification"): "NatForImageClassification",
-    ("nat", "model"): "NatModel",
-    ("nat", "backbone"): "NatBackbone",
-    ("dinat", "classification"): "DinatForImageClassification",
-    ("dinat", "model"): "DinatModel",
-    ("dinat", "backbone"): "DinatBackbone",
-}
-
 
 # Sanity bounds: far beyond every published NAT/DiNAT (and any plausible one), small enough
 # that a hostile or mistyped config.json cannot ask for terabytes before a check fails.
@@ -119,8 +41,13 @@ _SHORT.maxstring = _SHORT.maxother = 60
 _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = 8
 
 
+def short_repr(value: Any) -> str:
+    """`repr(value)` cut to about 60 characters and 8 items (error messages stay one line)."""
+    return _SHORT.repr(value)
+
+
 def _bad(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"NatConfig: invalid `{field}`={_SHORT.repr(value)}; expected {allowed}.")
+    return ValueError(f"NatConfig: invalid `{field}`={short_repr(value)}; expected {allowed}.")
 
 
 def _is_int(value: Any) -> bool:
@@ -142,59 +69,6 @@ def _int_tuple(field: str, value: Any, high: int, max_len: int | None = None) ->
     if not out or too_long or not all(_is_int(v) and 0 < v <= high for v in out):
         raise _bad(field, value, allowed)
     return out
-
-
-# A config.json is a few KB (an ImageNet-22k id2label ~1 MB); anything far larger is not one.
-MAX_CONFIG_BYTES = 64 * 2**20
-# JSON nesting deeper than this is refused before Python's recursion limit is reached.
-MAX_JSON_DEPTH = 64
-
-
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a JSON object from a small UTF-8 file, every failure as one ValueError.
-
-    Args:
-      path: the file.
-
-    Returns:
-      The parsed dict.
-
-    Raises:
-      ValueError: file too large, not UTF-8, nested deeper than MAX_JSON_DEPTH, not JSON, or
-        not an object (the message says which; the caller adds the file name).
-    """
-    size = os.path.getsize(path)
-    if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes.")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"not UTF-8 text (byte {err.start}).") from None
-    depth = _json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH}).")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err}).") from None
-    if not isinstance(data, dict):
-        raise ValueError("does not hold a JSON object.")
-    return data
-
-
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
-
-
-def _json_depth(text: str) -> int:
-    """Maximum bracket nesting outside strings (linear, no recursion)."""
-    depth = deepest = 0
-    for ch in _BRACKETS.findall(_JSON_STRING.sub("", text)):
-        depth += 1 if ch in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,110 +314,6 @@ class NatConfig:
         if "num_labels" in changes:
             changes.setdefault("id2label", None)
         return dataclasses.replace(self, **changes)
-
-    # ------------------------------------------------------------------------ Hugging Face format
-    @classmethod
-    def from_hf_config(cls, path_or_dict: str | os.PathLike | Mapping[str, Any]) -> NatConfig:
-        """Reads a Hugging Face NAT/DiNAT `config.json`.
-
-        Args:
-          path_or_dict: a `config.json` path, a folder holding one, or the parsed dict.
-
-        Returns:
-          The `NatConfig`.
-
-        Raises:
-          FileNotFoundError: if the path does not exist.
-          ValueError: for a model_type other than nat/dinat, unknown keys (listed), keys that
-            contradict each other, or invalid values.
-        """
-        if isinstance(path_or_dict, Mapping):
-            return cls._from_hf_dict(dict(path_or_dict))
-        path = os.fspath(path_or_dict)
-        if os.path.isdir(path):
-            path = os.path.join(path, "config.json")
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"NatConfig.from_hf_config: no such file: {path}")
-        try:
-            return cls._from_hf_dict(read_json_object(path))
-        except ValueError as err:
-            raise ValueError(f"{path}: {err}") from None
-
-    @classmethod
-    def _from_hf_dict(cls, data: dict[str, Any]) -> NatConfig:
-        model_type = data.pop("model_type", None)
-        if model_type not in MODEL_TYPES:
-            raise ValueError(
-                f"NatConfig.from_hf_config: `model_type`={_SHORT.repr(model_type)}; expected one "
-                f"of {MODEL_TYPES}."
-            )
-        fields = {f.name for f in dataclasses.fields(cls)} - {"model_type"}
-        unknown = sorted(k for k in data if k not in fields and k not in HF_IGNORED_KEYS)
-        if unknown:
-            raise ValueError(
-                f"NatConfig.from_hf_config: unknown keys {_SHORT.repr(unknown)}; known: "
-                f"{sorted(fields)} (plus ignored Hugging Face bookkeeping keys)."
-            )
-        kwargs = {k: v for k, v in data.items() if k in fields}
-        config = cls(model_type=model_type, **kwargs)
-        for key, want in (
-            ("hidden_size", config.hidden_size),
-            ("num_layers", config.num_stages),
-            ("stage_names", list(config.stage_names)),
-        ):
-            if key in data and data[key] != want:
-                raise ValueError(
-                    f"NatConfig.from_hf_config: `{key}`={_SHORT.repr(data[key])} contradicts the "
-                    f"other fields, which give {want!r}."
-                )
-        return config
-
-    def to_hf_config(self, architecture: str = "classification") -> dict[str, Any]:
-        """The Hugging Face `config.json` content for this config.
-
-        Args:
-          architecture: "classification", "model" or "backbone" (sets `architectures`).
-
-        Returns:
-          A JSON-serialisable dict that `transformers.AutoConfig` loads as Nat/DinatConfig.
-        """
-        key = (self.model_type, architecture)
-        if key not in _ARCHITECTURES:
-            raise ValueError(
-                f"NatConfig.to_hf_config: `architecture`={architecture!r}; expected "
-                "'classification', 'model' or 'backbone'."
-            )
-        labels = [self.label_name(i) for i in range(self.num_labels)]
-        out: dict[str, Any] = {
-            "architectures": [_ARCHITECTURES[key]],
-            "model_type": self.model_type,
-            "patch_size": self.patch_size,
-            "num_channels": self.num_channels,
-            "embed_dim": self.embed_dim,
-            "depths": list(self.depths),
-            "num_heads": list(self.num_heads),
-            "kernel_size": self.kernel_size,
-            "mlp_ratio": float(self.mlp_ratio),
-            "qkv_bias": self.qkv_bias,
-            "hidden_dropout_prob": float(self.hidden_dropout_prob),
-            "attention_probs_dropout_prob": float(self.attention_probs_dropout_prob),
-            "drop_path_rate": float(self.drop_path_rate),
-            "hidden_act": self.hidden_act,
-            "layer_norm_eps": float(self.layer_norm_eps),
-            "layer_scale_init_value": float(self.layer_scale_init_value),
-            "initializer_range": 0.02,
-            "hidden_size": self.hidden_size,
-            "num_layers": self.num_stages,
-            "stage_names": list(self.stage_names),
-            "out_features": list(self.out_features),
-            "out_indices": list(self.out_indices),
-            "id2label": {str(i): name for i, name in enumerate(labels)},
-            "label2id": {name: i for i, name in enumerate(labels)},
-            "torch_dtype": "float32",
-        }
-        if self.dilations is not None:
-            out["dilations"] = [list(d) for d in self.dilations]
-        return dict(sorted(out.items()))
 
     def describe(self) -> str:
         """One line summary, e.g. for logs."""

@@ -20,8 +20,12 @@ any dropout or drop-path rate is non-zero.
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import sys
 import warnings
 
+import flax
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -69,8 +73,21 @@ def _check_config(config: NatConfig) -> None:
         warnings.warn(
             "natjax: attention_probs_dropout_prob > 0 drops the attention output projection only; "
             "the fused neighborhood-attention op does not drop attention probabilities.",
-            stacklevel=4,  # NatModel(...) -> __init__ -> _build_trunk -> here
+            stacklevel=_caller_stacklevel(),
         )
+
+
+# Frames in these folders are construction plumbing (ours and flax's metaclass), not the caller.
+_PLUMBING = (os.path.dirname(__file__), os.path.dirname(flax.__file__))
+
+
+def _caller_stacklevel() -> int:
+    """The `warnings.warn` stacklevel (for a warning raised by our caller) of the first frame
+    outside natjax.models and flax: the user's `NatModel(...)` line, however deeply nested."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PLUMBING):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _init_keys(rngs: nnx.Rngs | InitKeys) -> InitKeys:
@@ -138,28 +155,69 @@ def _feature_channels(config: NatConfig) -> tuple[int, ...]:
     return (config.embed_dim,) + tuple(config.stage_dim(i) for i in range(config.num_stages))
 
 
-def _build_trunk(
-    trunk: NatModel | NatBackbone,
-    config: NatConfig,
-    kw: dict,
-    attention_implementation: str | None,
-    remat: bool,
-) -> None:
-    """Sets `trunk.config`, `.embeddings` and `.encoder` (shared by NatModel and NatBackbone).
+@dataclasses.dataclass(frozen=True)
+class _Build:
+    """The constructor keywords every model class takes, resolved once (see `_NatModule`)."""
 
-    Args:
-      trunk: the module being built.
-      config: the architecture.
-      kw: `dtype`, `param_dtype` and `rngs` for the submodules.
-      attention_implementation, remat: as in `NatModel`.
+    dtype: Dtype
+    param_dtype: Dtype
+    keys: InitKeys
+    attention_implementation: str | None
+    remat: bool
+
+    @property
+    def layer_kw(self) -> dict:
+        """`dtype`, `param_dtype` and `rngs` for the submodules."""
+        return dict(dtype=self.dtype, param_dtype=self.param_dtype, rngs=self.keys)
+
+    @property
+    def model_kw(self) -> dict:
+        """All constructor keywords, for a nested model class (the classifier's trunk)."""
+        return dict(
+            rngs=self.keys,
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            attention_implementation=self.attention_implementation,
+            remat=self.remat,
+        )
+
+
+class _NatModule(PretrainedMixin, nnx.Module):
+    """The constructor shared by the three model classes (arguments: see `NatModel`).
+
+    It resolves the keywords once (`_Build`); each class builds its parts in `_build`.
     """
+
+    def __init__(
+        self,
+        config: NatConfig,
+        *,
+        rngs: nnx.Rngs | InitKeys,
+        dtype: Dtype = jnp.float32,
+        param_dtype: Dtype = jnp.float32,
+        attention_implementation: str | None = None,
+        remat: bool = False,
+    ):
+        keys = _init_keys(rngs)
+        self._build(config, _Build(dtype, param_dtype, keys, attention_implementation, remat))
+
+    def _build(self, config: NatConfig, build: _Build) -> None:
+        raise NotImplementedError(type(self).__name__)
+
+
+def _build_trunk(trunk: NatModel | NatBackbone, config: NatConfig, build: _Build) -> None:
+    """Sets `trunk.config`, `.embeddings` and `.encoder` (shared by NatModel and NatBackbone)."""
     _check_config(config)
     trunk.config = config
+    kw = build.layer_kw
     trunk.embeddings = Embeddings(
         config.num_channels, config.embed_dim, config.hidden_dropout_prob, **kw
     )
     trunk.encoder = NatEncoder(
-        config, attention_implementation=attention_implementation, remat=remat, **kw
+        config,
+        attention_implementation=build.attention_implementation,
+        remat=build.remat,
+        **kw,
     )
 
 
@@ -181,7 +239,7 @@ def _embed_and_encode(
     return x, trunk.encoder(x, keys)
 
 
-class NatModel(PretrainedMixin, nnx.Module):
+class NatModel(_NatModule):
     """NAT/DiNAT trunk: embeddings, encoder, final LayerNorm and mean pooling (HF `NatModel`).
 
     Args:
@@ -195,19 +253,9 @@ class NatModel(PretrainedMixin, nnx.Module):
 
     architecture = "model"
 
-    def __init__(
-        self,
-        config: NatConfig,
-        *,
-        rngs: nnx.Rngs | InitKeys,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        attention_implementation: str | None = None,
-        remat: bool = False,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=_init_keys(rngs))
-        _build_trunk(self, config, kw, attention_implementation, remat)
-        self.layernorm = layer_norm(config.hidden_size, config.layer_norm_eps, **kw)
+    def _build(self, config: NatConfig, build: _Build) -> None:
+        _build_trunk(self, config, build)
+        self.layernorm = layer_norm(config.hidden_size, config.layer_norm_eps, **build.layer_kw)
 
     def __call__(
         self,
@@ -242,7 +290,7 @@ class NatModel(PretrainedMixin, nnx.Module):
         )
 
 
-class NatForImageClassification(PretrainedMixin, nnx.Module):
+class NatForImageClassification(_NatModule):
     """`NatModel` plus a linear classifier on the pooled features (HF `NatForImageClassification`).
 
     Args: as `NatModel`; the head has `config.num_labels` outputs (none when 0).
@@ -250,39 +298,20 @@ class NatForImageClassification(PretrainedMixin, nnx.Module):
 
     architecture = "classification"
 
-    def __init__(
-        self,
-        config: NatConfig,
-        *,
-        rngs: nnx.Rngs | InitKeys,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        attention_implementation: str | None = None,
-        remat: bool = False,
-    ):
-        rngs = _init_keys(rngs)
-        self.nat = NatModel(
-            config,
-            rngs=rngs,
-            dtype=dtype,
-            param_dtype=param_dtype,
-            attention_implementation=attention_implementation,
-            remat=remat,
-        )
+    def _build(self, config: NatConfig, build: _Build) -> None:
+        self.nat = NatModel(config, **build.model_kw)
         classifier = None
         if config.num_labels > 0:
             classifier = nnx.Linear(
                 config.hidden_size,
                 config.num_labels,
-                dtype=dtype,
-                param_dtype=param_dtype,
                 kernel_init=nnx.with_partitioning(
                     nnx.initializers.normal(0.02), ("embed", "classes"), eager_sharding=False
                 ),
                 bias_init=nnx.with_partitioning(
                     nnx.initializers.zeros_init(), ("classes",), eager_sharding=False
                 ),
-                rngs=rngs,
+                **build.layer_kw,
             )
         self.classifier = nnx.data(classifier)
 
@@ -312,7 +341,7 @@ class NatForImageClassification(PretrainedMixin, nnx.Module):
         )
 
 
-class NatBackbone(PretrainedMixin, nnx.Module):
+class NatBackbone(_NatModule):
     """Multi-scale features for detection/segmentation (HF `NatBackbone`).
 
     Each stage named in `config.out_features` ("stem", "stage1", ...) contributes its output before
@@ -323,22 +352,12 @@ class NatBackbone(PretrainedMixin, nnx.Module):
 
     architecture = "backbone"
 
-    def __init__(
-        self,
-        config: NatConfig,
-        *,
-        rngs: nnx.Rngs | InitKeys,
-        dtype: Dtype = jnp.float32,
-        param_dtype: Dtype = jnp.float32,
-        attention_implementation: str | None = None,
-        remat: bool = False,
-    ):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=_init_keys(rngs))
-        _build_trunk(self, config, kw, attention_implementation, remat)
+    def _build(self, config: NatConfig, build: _Build) -> None:
+        _build_trunk(self, config, build)
         channels = _feature_channels(config)
         self.hidden_states_norms = nnx.Dict(
             {
-                name: layer_norm(channels[index], TORCH_LAYER_NORM_EPS, **kw)
+                name: layer_norm(channels[index], TORCH_LAYER_NORM_EPS, **build.layer_kw)
                 for name, index in zip(config.out_features, config.out_indices, strict=True)
             }
         )

@@ -1,8 +1,9 @@
-"""Training configuration: frozen dataclasses, experiment files and `--set key=value` overrides.
+"""Training configuration: frozen dataclasses, their validation and `--set key=value` overrides.
 
 An experiment is a Python file (see experiments/configs/) whose `get_config()` returns a
-`TrainConfig`. Command-line overrides address nested fields with dots
-(`--set optim.lr=5e-4 --set data.batch_size=64`); each value is parsed with the field's type.
+`TrainConfig`; `natjax.train.defaults.load_config` loads one (or the built-in default run).
+Command-line overrides address nested fields with dots (`--set optim.lr=5e-4 --set
+data.batch_size=64`); each value is parsed with the field's type.
 """
 
 from __future__ import annotations
@@ -10,16 +11,13 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
-import importlib.util
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from natjax.models.preprocessing import IMAGENET_MEAN, IMAGENET_STD
 
 
 @dataclass(frozen=True)
@@ -266,8 +264,8 @@ def _interval(lo: float, hi: float, open_low: bool = False, open_high: bool = Fa
     return f"{'(' if open_low else '['}{lo:g}, {hi:g}{')' if open_high else ']'}"
 
 
-def _check_field(name: str, value: Any, rule: tuple) -> str | None:
-    """What `name` allows when `value` breaks `rule`, else None."""
+def _check_field(value: Any, rule: tuple) -> str | None:
+    """What a field allows when `value` breaks its `rule`, else None."""
     kind = rule[0]
     if kind == "str":
         return None if isinstance(value, str) and value else "a non-empty string"
@@ -320,7 +318,7 @@ def validate(cfg: TrainConfig) -> None:
     for name, rule in _RULES.items():
         section, field_name = name.split(".")
         value = getattr(getattr(cfg, section), field_name)
-        allowed = _check_field(name, value, rule)
+        allowed = _check_field(value, rule)
         if allowed is not None:
             raise bad(name, value, allowed)
     d, o = cfg.data, cfg.optim
@@ -328,38 +326,6 @@ def validate(cfg: TrainConfig) -> None:
         raise bad("optim.grad_accum", o.grad_accum, f"a divisor of data.batch_size={d.batch_size}")
     if o.warmup_epochs > o.epochs:
         raise bad("optim.warmup_epochs", o.warmup_epochs, f"<= optim.epochs={o.epochs}")
-
-
-def load_config(path: str | Path | None) -> TrainConfig:
-    """Loads `get_config()` from an experiment file (None: the offline digits default).
-
-    Args:
-      path: a Python file defining `get_config() -> TrainConfig`.
-
-    Returns:
-      The config.
-    """
-    if path is None:
-        from natjax.train.defaults import digits_config
-
-        return digits_config()
-    path = Path(path)
-    if not path.is_file():
-        what = "a directory, not an experiment file" if path.is_dir() else "no such file"
-        raise FileNotFoundError(f"--config {str(path)!r}: {what}.")
-    spec = importlib.util.spec_from_file_location(f"natjax_exp_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        if not hasattr(module, "get_config"):
-            raise ValueError("defines no get_config()")
-        cfg = module.get_config()
-    except ValueError as err:
-        # e.g. a TrainConfig field out of range: name the file as well as the field.
-        raise ValueError(f"--config {str(path)!r}: {err}") from None
-    if not isinstance(cfg, TrainConfig):
-        raise ValueError(f"--config {str(path)!r}: get_config() returned {type(cfg).__name__}.")
-    return cfg
 
 
 def _field_paths(obj: Any, prefix: str = "") -> list[str]:

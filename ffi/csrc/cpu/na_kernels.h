@@ -160,7 +160,8 @@ const A* padded_bias(const Geometry& g, const A* rpb, int64_t h, std::vector<A>&
 // One query's window, relative to the key halo `kh`: row (x0, x1) holds `c[2]` keys starting at
 // halo coordinates (o0 + x0, o1 + x1, o2); its bias row starts at `bias_row(x0, x1)`.
 struct Window {
-  int64_t o[kAxes], c[kAxes], r[kAxes], rd1, rd2;
+  int64_t o[kAxes] = {}, c[kAxes] = {}, r[kAxes] = {}, rd1 = 1, rd2 = 1;
+  Window() = default;
   Window(const Geometry& g, const int64_t i[kAxes], const Range kh[kAxes]) {
     for (int a = 0; a < kAxes; ++a) {
       const AxisTables& ax = g.axis[a];
@@ -242,6 +243,33 @@ inline bool can_pair(const Window& a, const Window& b, int64_t* u0, int64_t* un)
   return pad_lanes(hi - lo) == pad_lanes(std::max(a.c[2], b.c[2]));
 }
 
+// One query over its window in chunks of rows (online softmax): q (scaled, padded) already in
+// `q`; `acc` (padded value dim), `logit` and `p` (`cap` each) are scratch.
+template <typename T, typename A>
+void forward_query(const Geometry& g, const FwdArgs<T, A>& args, const View<A>& K,
+                   const View<A>& V, const A* bias, const Window& w, int64_t row, int64_t cap,
+                   const A* q, A* acc, A* logit, A* p) {
+  const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
+  const A neg_inf = -std::numeric_limits<A>::infinity();
+  std::fill(acc, acc + dvl, A(0));
+  Softmax<A> sm;
+  const int64_t width = pad_lanes(w.c[2]), per_chunk = std::max<int64_t>(1, cap / width);
+  for (int64_t r0 = 0; r0 < w.rows(); r0 += per_chunk) {
+    const int64_t nr = std::min(per_chunk, w.rows() - r0);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const int64_t x0 = (r0 + rr) / w.c[1], x1 = (r0 + rr) % w.c[1];
+      row_logits(q, K.at(w.o[0] + x0, w.o[1] + x1, w.o[2]), K.s2, w.c[2], dl,
+                 g.has_rpb ? bias + w.bias_row(x0, x1) : nullptr, neg_inf, logit + rr * width);
+    }
+    sm.update(logit, p, nr * width, acc, dvl);
+    for (int64_t rr = 0; rr < nr; ++rr) {
+      const int64_t x0 = (r0 + rr) / w.c[1], x1 = (r0 + rr) % w.c[1];
+      row_axpy(acc, p + rr * width, V.at(w.o[0] + x0, w.o[1] + x1, w.o[2]), V.s2, w.c[2], dvl);
+    }
+  }
+  finish_query(g, sm, acc, args.out + row * g.value_dim, args.lse + row);
+}
+
 template <typename T, typename A>
 void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
   Scratch<A>& s = thread_scratch<A>();
@@ -293,22 +321,7 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
       std::fill(acc_a, acc_a + dvl, A(0));
       Softmax<A> sa, sb;
       if (!pair) {
-        const int64_t width = pad_lanes(wa.c[2]), per_chunk = std::max<int64_t>(1, cap / width);
-        for (int64_t r0 = 0; r0 < wa.rows(); r0 += per_chunk) {
-          const int64_t nr = std::min(per_chunk, wa.rows() - r0);
-          for (int64_t rr = 0; rr < nr; ++rr) {
-            const int64_t x0 = (r0 + rr) / wa.c[1], x1 = (r0 + rr) % wa.c[1];
-            row_logits(qa, K.at(wa.o[0] + x0, wa.o[1] + x1, wa.o[2]), K.s2, wa.c[2], dl,
-                       g.has_rpb ? bias + wa.bias_row(x0, x1) : nullptr, neg_inf, la + rr * width);
-          }
-          sa.update(la, pa, nr * width, acc_a, dvl);
-          for (int64_t rr = 0; rr < nr; ++rr) {
-            const int64_t x0 = (r0 + rr) / wa.c[1], x1 = (r0 + rr) % wa.c[1];
-            row_axpy(acc_a, pa + rr * width, V.at(wa.o[0] + x0, wa.o[1] + x1, wa.o[2]), V.s2,
-                     wa.c[2], dvl);
-          }
-        }
-        finish_query(g, sa, acc_a, args.out + row_a * g.value_dim, args.lse + row_a);
+        forward_query(g, args, K, V, bias, wa, row_a, cap, qa, acc_a, la, pa);
         t += 1;
         continue;
       }

@@ -11,6 +11,13 @@ neighborhood: first query and query count per key), passed as FFI attributes. A 
 therefore needs no C++ change, as long as each query's keys along an axis are a run with step
 `dilation` whose bias index grows by one per key, which `_axis_tables` checks.
 
+Export: a CPU program that uses these kernels contains their FFI custom calls (`FFI_TARGETS`),
+which have no compatibility guarantee, so `jax.export` refuses to serialize it by default (its
+error names `@natjax_na_fwd`). `export_disabled_checks()` lifts that for these targets; the
+exported program then runs only where natjax-ffi is installed and natjax has registered it
+(any natjax call with the kernels, or `available()`, does). Programs lowered for GPU/TPU
+never contain the calls (`platform.py`).
+
 Sharding and `vmap` go through `partition.batch_head_parallel` (shared with Pallas): under
 `jax.jit` with batch/head-sharded inputs each device runs the kernels on its own shard; `vmap`
 folds the mapped axis into the heads.
@@ -36,6 +43,9 @@ _INSTALL_HINT = (
     "install the optional native kernels with `pip install ./ffi` from a natjax checkout "
     "(needs a C++17 compiler and CMake; `make install` does it)"
 )
+# The custom-call targets of the handlers (registered for the CPU platform).
+_FWD, _BWD = "natjax_na_fwd", "natjax_na_bwd"
+FFI_TARGETS = (_FWD, _BWD)
 _SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Packed keys + values of one work unit (a tile's halo) should stay in a core's L2 cache.
 _HALO_BUDGET_BYTES = 192 * 1024
@@ -67,6 +77,23 @@ def _load() -> str | None:
 def available() -> bool:
     """Whether the native kernels are installed and loadable."""
     return _load() is None
+
+
+def export_disabled_checks() -> list:
+    """`disabled_checks` for `jax.export.export` of CPU programs that use these kernels.
+
+    `jax.export` only serializes custom calls with a compatibility guarantee; natjax's have none
+    (the handlers and their attributes may change between natjax-ffi versions), so exporting a
+    CPU program that calls them needs these checks disabled, knowingly: the program must be
+    deserialized and run with the same natjax-ffi version, in a process where natjax has
+    registered the handlers (`available()`).
+
+    Returns:
+      A list of `jax.export.DisabledSafetyCheck`, one per FFI target.
+    """
+    from jax import export
+
+    return [export.DisabledSafetyCheck.custom_call(target) for target in FFI_TARGETS]
 
 
 def build_info() -> str:
@@ -279,7 +306,7 @@ def _rows_forward(geo: FFIGeometry, q, k, v, rpb):
         jax.ShapeDtypeStruct((b, n, h, v.shape[-1]), q.dtype),
         jax.ShapeDtypeStruct((b, n, h), _accum(q.dtype)),
     )
-    return jax.ffi.ffi_call("natjax_na_fwd", out_types)(q, k, v, rpb, **_attributes(geo, False))
+    return jax.ffi.ffi_call(_FWD, out_types)(q, k, v, rpb, **_attributes(geo, False))
 
 
 def _rows_backward(geo: FFIGeometry, q, k, v, rpb, out, d_out, lse, d_lse):
@@ -290,7 +317,7 @@ def _rows_backward(geo: FFIGeometry, q, k, v, rpb, out, d_out, lse, d_lse):
         jax.ShapeDtypeStruct(v.shape, v.dtype),
         jax.ShapeDtypeStruct((b, h, rpb.shape[1], 1), _accum(q.dtype)),
     )
-    call = jax.ffi.ffi_call("natjax_na_bwd", out_types)
+    call = jax.ffi.ffi_call(_BWD, out_types)
     return call(q, k, v, rpb, out, d_out, lse, d_lse, **_attributes(geo, True))
 
 

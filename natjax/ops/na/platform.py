@@ -9,9 +9,15 @@ which only the lowering platform's branch is lowered and compiled:
     the blocked-halo formulation (`xla_tiled.py`) on GPU and TPU. Both share one custom VJP with
     the residual contract of `vjp.py` (`q, k, v, rpb, out, lse`), so the forward and the backward
     each pick their platform's half and nothing is differentiated through a conditional.
-  * `na_default` (`implementation=None`): on CPU dense attention for small maps (measured faster)
-    and the band path otherwise; on CUDA the Pallas kernel when it supports the call, else the
-    tiled path; elsewhere the tiled path.
+  * `na_default` (`implementation=None`): on CPU the native kernels (`ffi.py`, when natjax-ffi
+    is installed and supports the call) where they were measured faster, else dense attention
+    for small maps (measured faster) and the band path otherwise; on CUDA the Pallas kernel when
+    it supports the call, else the tiled path; elsewhere the tiled path.
+
+Programs exported for CPU (`jax.export`) with the native kernels contain their FFI custom calls,
+which have no compatibility guarantee: `jax.export` refuses them unless told otherwise with
+`natjax.ops.na.ffi.export_disabled_checks()`. Only the lowering platform's branch is lowered, so
+programs exported or compiled for GPU/TPU never contain them.
 """
 
 from __future__ import annotations
@@ -41,12 +47,53 @@ def cpu_prefers_dense(spatial: tuple[int, ...], params: NAParams) -> bool:
     return n <= DENSE_MAX_TOKENS and n <= DENSE_MAX_TOKENS_PER_KERNEL_ELEMENT * params.kernel_volume
 
 
+# On CPU the native kernels (natjax-ffi, when installed) beat xla and dense on every case of
+# `python experiments/bench_ffi.py --repeats 5 --skip-model` (batch 8, float32, forward and
+# forward+backward, 2-17x) but where one window covers (nearly) all of its dilation group:
+# there the attention is dense and XLA's matmuls win. Measured on the 2-core VM (load ~2-3,
+# matmul 67 GFLOP/s in the same run): 7x7 map with kernel 7 (NAT's last stage; window = 100%
+# of the map) forward ffi 4.09 ms vs xla 2.86 ms (1.64 vs 0.88 idle); DiNAT's dilation 8 at
+# 56x56 (7x7 groups, 100%) 0.83x xla idle; 8x8 with kernel 7 (77%) ffi still wins, 0.92 vs
+# dense 1.47 ms forward, 1.87 vs 2.34 ms forward+backward. Above this fraction dense/xla stay.
+FFI_MAX_WINDOW_FRACTION = 0.8
+
+
+def cpu_choice(q, params: NAParams, has_rpb: bool) -> str:
+    """The CPU backend of `implementation=None`: "ffi", "reference" (dense) or "xla".
+
+    Args:
+      q: the query (shape and dtype are read).
+      params: validated window arguments.
+      has_rpb: whether a bias is given.
+
+    Returns:
+      The backend name.
+    """
+    spatial = tuple(q.shape[1:-2])
+    group = math.prod(-(-n // d) for n, d in zip(spatial, params.dilation, strict=True))
+    if params.kernel_volume <= FFI_MAX_WINDOW_FRACTION * group:
+        from natjax.ops.na import ffi
+
+        if ffi.unsupported_reason(q.shape, q.dtype, params, has_rpb) is None:
+            return "ffi"
+    return "reference" if cpu_prefers_dense(spatial, params) else "xla"
+
+
 def _forward(static, q, k, v, rpb):
     params, tiles = static
     return jax.lax.platform_dependent(
         q, k, v, rpb,
         cpu=lambda *a: band._forward(params, *a),
         default=lambda *a: xla_tiled._forward((params, tiles), *a),
+    )  # fmt: skip
+
+
+def _primal(static, q, k, v, rpb):
+    params, tiles = static
+    return jax.lax.platform_dependent(
+        q, k, v, rpb,
+        cpu=lambda *a: band._forward(params, *a),
+        default=lambda *a: xla_tiled._primal((params, tiles), *a),
     )  # fmt: skip
 
 
@@ -59,7 +106,7 @@ def _backward(static, res, cts):
     )  # fmt: skip
 
 
-_na = na_custom_vjp(_forward, _backward)
+_na = na_custom_vjp(_forward, _backward, primal=_primal)
 
 
 def _tiles(q, params: NAParams) -> tuple[int, ...]:
@@ -106,11 +153,15 @@ def na_default(q, k, v, rpb, params: NAParams):
     """
     from natjax.ops.na.reference import na_reference
 
-    cpu = (
-        functools.partial(na_reference, params=params)
-        if cpu_prefers_dense(tuple(q.shape[1:-2]), params)
-        else functools.partial(band.na_xla, params=params)
-    )
+    choice = cpu_choice(q, params, rpb is not None)
+    if choice == "ffi":
+        from natjax.ops.na.ffi import na_ffi
+
+        cpu = functools.partial(na_ffi, params=params)
+    elif choice == "reference":
+        cpu = functools.partial(na_reference, params=params)
+    else:
+        cpu = functools.partial(band.na_xla, params=params)
     return jax.lax.platform_dependent(
         q, k, v, rpb,
         cpu=cpu,

@@ -11,8 +11,8 @@ import difflib
 from collections.abc import Callable
 from pathlib import Path
 
-from natjax.train.config import TrainConfig, load_config
-from natjax.train.defaults import digits_config
+from natjax.train.config import TrainConfig
+from natjax.train.defaults import digits_config, load_config
 from natjax.train.recipes.finetune import finetune_config
 from natjax.train.recipes.in1k import DROP_PATH, in1k_config
 
