@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from natjax.ops.na.spec import NAParams, axis_windows
 
@@ -63,7 +64,10 @@ def in_neighborhood(flags, params: NAParams):
 
     The neighborhood is the Cartesian product of the per-axis windows of `spec.axis_windows`
     (that is how every backend and the dense reference build it), so the "any" is taken one
-    spatial axis at a time: a gather of `[L, K]` window positions per axis, O(N K ndim).
+    spatial axis at a time: along an axis every window is `K` positions `d` apart from its first
+    key `f` (which is `< 0` where a causal window runs off the start), so a dilated windowed max
+    over the axis padded by `(K - 1) d` in front, read at `f + (K - 1) d`, is the OR over the
+    window. Intermediates stay the size of `flags`.
 
     Args:
       flags: bool `[batch, *spatial, ...]`, True at the flagged key/value positions.
@@ -72,19 +76,26 @@ def in_neighborhood(flags, params: NAParams):
     Returns:
       bool, the shape of `flags`: True where a flagged token is in the query's neighborhood.
     """
-    out = flags
+    out = flags.astype(jnp.uint8)
     for ax in range(params.ndim):
         axis = 1 + ax
-        length = flags.shape[axis]
-        win = axis_windows(
-            length, params.kernel_size[ax], params.dilation[ax], params.is_causal[ax]
-        )
-        # [..., L * K, ...] -> [..., L, K, ...]; invalid (causal, before the start) slots off.
-        picked = jnp.take(out, win.key.reshape(-1), axis=axis)
-        picked = picked.reshape(*out.shape[:axis], length, win.key.shape[1], *out.shape[axis + 1 :])
-        valid = win.valid.reshape((length, win.key.shape[1]) + (1,) * (out.ndim - axis - 1))
-        out = jnp.any(picked & valid, axis=axis + 1)
-    return out
+        k, d = params.kernel_size[ax], params.dilation[ax]
+        win = axis_windows(out.shape[axis], k, d, params.is_causal[ax])
+        # First key of each window from any valid slot (every window holds its own query).
+        slot = np.argmax(win.valid, axis=1)
+        first = win.key[np.arange(len(slot)), slot] - slot * d
+        window = [1] * out.ndim
+        window[axis] = k
+        dilation = [1] * out.ndim
+        dilation[axis] = d
+        padding = [(0, 0)] * out.ndim
+        padding[axis] = ((k - 1) * d, 0)
+        windowed = jax.lax.reduce_window(
+            out, np.uint8(0), jax.lax.max, window, (1,) * out.ndim, padding,
+            window_dilation=dilation,
+        )  # fmt: skip
+        out = jnp.take(windowed, first + (k - 1) * d, axis=axis)
+    return out.astype(bool)
 
 
 # Name scope of the confined branch: experiments/hbm_aot.py recognises its kernels by this name in
