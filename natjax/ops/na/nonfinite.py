@@ -93,9 +93,9 @@ CONFINED_SCOPE = "natjax_nonfinite_confined"
 
 
 @jax.named_scope(CONFINED_SCOPE)
-def _confined(fn: Callable, params: NAParams, q, k, v, rpb):
-    """The NATTEN result for inputs with non-finite entries (see the module docstring)."""
-    out, lse = fn(_zero_nonfinite(q), _zero_nonfinite(k), _zero_nonfinite(v), rpb, params)
+def _fixes(params: NAParams, q, k, v, out_dtype, lse_dtype):
+    """What NATTEN's results add to the zero-substituted ones (module docstring): `(fix, lse_fix)`,
+    0 where the result is finite, else the inf/NaN that NATTEN gives there."""
     nan_or_pos = jnp.isnan(v) | jnp.isposinf(v)
     nan_or_neg = jnp.isnan(v) | jnp.isneginf(v)
     bad_key = jnp.any(~jnp.isfinite(k), axis=-1)
@@ -105,18 +105,21 @@ def _confined(fn: Callable, params: NAParams, q, k, v, rpb):
     d = v.shape[-1]
     pos, neg = seen[..., :d], seen[..., d : 2 * d]
     bad_row = seen[..., 2 * d] | jnp.any(~jnp.isfinite(q), axis=-1)
-    inf = jnp.asarray(jnp.inf, out.dtype)
-    fix = jnp.where(pos, inf, jnp.where(neg, -inf, jnp.zeros((), out.dtype)))
-    fix = jnp.where((pos & neg) | bad_row[..., None], jnp.asarray(jnp.nan, out.dtype), fix)
-    # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); stop_gradient
-    # passes every output's cotangent to the zero-substituted computation unchanged.
-    out = out + jax.lax.stop_gradient(fix)
-    lse = lse + jax.lax.stop_gradient(jnp.where(bad_row, jnp.nan, 0.0).astype(lse.dtype))
-    return out, lse
+    inf = jnp.asarray(jnp.inf, out_dtype)
+    fix = jnp.where(pos, inf, jnp.where(neg, -inf, jnp.zeros((), out_dtype)))
+    fix = jnp.where((pos & neg) | bad_row[..., None], jnp.asarray(jnp.nan, out_dtype), fix)
+    return fix, jnp.where(bad_row, jnp.nan, 0.0).astype(lse_dtype)
 
 
 def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     """Runs a backend with NATTEN's confinement of NaN/inf inputs.
+
+    The backend always runs on the zero-substituted inputs (a `where` that XLA fuses into the
+    first reads of the XLA backends; custom-call backends read a substituted copy). Only the
+    fix-up sits in a `lax.cond`, outside differentiation (`stop_gradient`): for finite inputs it
+    costs the finiteness check of `q`, `k`, `v` and one zero `[batch, *spatial, heads, head_dim]`
+    array; the attention itself is not inside a conditional, so XLA still shares work between
+    the forward and the backward (measured with `experiments/hbm_aot.py`).
 
     Args:
       fn: the backend, `fn(q, k, v, rpb, params) -> (out, lse)`.
@@ -127,11 +130,16 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     Returns:
       `(out, lse)` as `fn` returns them; identical to `fn` when all of `q`, `k`, `v` are finite.
     """
+    out, lse = fn(_zero_nonfinite(q), _zero_nonfinite(k), _zero_nonfinite(v), rpb, params)
     nonfinite = ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)) & jnp.all(jnp.isfinite(v)))
-    # Branch 0 (False) is the plain backend, branch 1 the confined path (named CONFINED_SCOPE).
-    return jax.lax.cond(
+    sg = jax.lax.stop_gradient
+    # Branch 1 (True) computes the fix-up (named CONFINED_SCOPE); branch 0 adds nothing.
+    fix, lse_fix = jax.lax.cond(
         nonfinite,
-        lambda q, k, v, rpb: _confined(fn, params, q, k, v, rpb),
-        lambda q, k, v, rpb: fn(q, k, v, rpb, params),
-        q, k, v, rpb,
+        lambda q, k, v: _fixes(params, q, k, v, out.dtype, lse.dtype),
+        lambda q, k, v: (jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)),
+        sg(q), sg(k), sg(v),
     )  # fmt: skip
+    # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); the cotangent
+    # of every output passes to the zero-substituted computation unchanged.
+    return out + fix, lse + lse_fix
