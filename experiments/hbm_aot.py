@@ -1,8 +1,15 @@
-"""HBM traffic of neighborhood attention compiled ahead of time for an H100, without a GPU.
+"""HBM traffic of neighborhood attention compiled ahead of time for an H100 or a TPU v5e.
 
-    /work/.venv-sm90/bin/python experiments/hbm_aot.py                 # every case, fwd and fwd+bwd
-    /work/.venv-sm90/bin/python experiments/hbm_aot.py --cases nat1,hdit --impls xla,dense
-    /work/.venv-sm90/bin/python experiments/hbm_aot.py --tpu           # also try a TPU v5e target
+    make compile-gate GATE_ARGS=--quick    # once: builds .venv-gate (jax + the CUDA plugin)
+    .venv-gate/bin/python experiments/hbm_aot.py                 # every case, fwd and fwd+bwd
+    .venv-gate/bin/python experiments/hbm_aot.py --cases nat1,hdit --impls xla,dense
+    python -m venv .venv-tpu && .venv-tpu/bin/pip install "jax[tpu]==<the installed jax>"
+    .venv-tpu/bin/python experiments/hbm_aot.py --target tpu-v5e --impls xla,band,dense
+
+TPU (no TPU needed): `libtpu` (the `jax[tpu]` extra) compiles for a deviceless topology on any
+x86-64 host; it only accepts whole hosts, so the topology is one v5e host (`v5e:2x2`) and the
+programs run on its first chip. TPU layouts pad minor dimensions to (8, 128) tiles, which the
+byte count includes (see `_shape_bytes`).
 
 Method (no device needed). The CUDA PJRT plugin matching the installed jax (`jax-cuda13-plugin`)
 is loaded but not started (`JAX_PLATFORMS=cpu`); `jax.experimental.topologies.get_topology_desc`
@@ -71,7 +78,9 @@ _BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
     "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
 }  # fmt: skip
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+_TILE = re.compile(r":T\(([\d,]+)\)")
+_SPACE = re.compile(r"S\((\d+)\)")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
 _COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
@@ -80,6 +89,7 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _CALLS = re.compile(r"\b(?:to_apply|calls)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRUE_FALSE = re.compile(r"\b(?:true|false)_computation=%?([\w.\-]+)")  # a two-way cond
 # Opcodes that launch nothing (metadata, aliasing, control flow handled separately).
 _FREE = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
@@ -88,9 +98,26 @@ _FREE = {
 
 
 def _shape_bytes(text: str) -> int:
+    """Bytes of every array shape in `text` (an HLO result type, possibly a tuple).
+
+    TPU layouts (`{1,0:T(8,128)...}`) pad the minor dimensions to the memory tile, as the
+    hardware stores them (a minor dim of 7 occupies 128 lanes); arrays placed in on-chip memory
+    (`S(1)`, VMEM) are not HBM traffic and count 0. GPU layouts carry neither.
+    """
     total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    for dtype, dims, layout in _SHAPE.findall(text):
+        shape = [int(d) for d in dims.split(",") if d]
+        if layout:
+            space = _SPACE.search(layout)
+            if space and space.group(1) != "0":
+                continue
+            tile = _TILE.search(layout)
+            if tile and shape:
+                minor_to_major = [int(x) for x in layout[1:].split(":")[0].split(",") if x]
+                sizes = [int(x) for x in tile.group(1).split(",")]
+                for size, axis in zip(reversed(sizes), minor_to_major, strict=False):
+                    shape[axis] = -(-shape[axis] // size) * size
+        total += _BYTES[dtype] * math.prod(shape)
     return total
 
 
@@ -162,7 +189,8 @@ def kernel_traffic(text: str) -> dict:
                 # only for non-finite inputs: its kernels are counted apart (`confined_bytes`),
                 # recognised by their name scope, so `bytes` is the traffic of finite inputs.
                 branches = _BRANCHES.search(rest)
-                for b in branches.group(1).split(",") if branches else []:
+                names = branches.group(1).split(",") if branches else _TRUE_FALSE.findall(rest)
+                for b in names:
                     b = b.strip().lstrip("%")
                     if not any(CONFINED_SCOPE in line for line in comps.get(b, [])):
                         visit(b, times)
@@ -257,19 +285,27 @@ def floor_bytes(case: str, program: str, itemsize: int) -> int:
     return (4 if program == "fwd" else 11) * x
 
 
-def try_tpu() -> str:
-    """Whether a deviceless TPU v5e topology can be made here (needs the `libtpu` package)."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError as err:
-        return f"no TPU compile: libtpu is not installed ({err})"
+def target_sharding(target: str):
+    """A one-device sharding on a deviceless topology of `target` ("h100" or "tpu-v5e")."""
+    import numpy as np
     from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    try:
-        topo = topologies.get_topology_desc("v5e:1x1", "tpu")
-        return f"TPU topology available: {topo.devices}"
-    except Exception as err:  # noqa: BLE001 - report whatever libtpu says
-        return f"no TPU compile: {type(err).__name__}: {str(err)[:300]}"
+    if target == "h100":
+        topo = topologies.get_topology_desc("", "cuda", target_config=H100, topology="1x1x1")
+    elif target == "tpu-v5e":
+        try:
+            import libtpu  # noqa: F401
+        except ImportError as err:
+            msg = f"--target tpu-v5e needs libtpu (pip install 'jax[tpu]'): {err}"
+            raise SystemExit(msg) from err
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        topo = topologies.get_topology_desc("v5e:2x2", "tpu")  # one host: the smallest accepted
+    else:
+        raise SystemExit(f"--target must be h100 or tpu-v5e, got {target!r}")
+    mesh = Mesh(np.array(topo.devices[:1]), ("x",))
+    return topo.devices[0].device_kind, NamedSharding(mesh, P())
 
 
 def main(argv=None) -> int:
@@ -280,23 +316,16 @@ def main(argv=None) -> int:
     ap.add_argument("--programs", default="fwd,fwd+bwd")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None, help="write the rows to this file")
-    ap.add_argument("--tpu", action="store_true", help="also try a deviceless TPU v5e topology")
+    ap.add_argument("--target", default="h100", help="h100 (default) or tpu-v5e")
     args = ap.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
-    from jax.experimental import topologies
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    topo = topologies.get_topology_desc("", "cuda", target_config=H100, topology="1x1x1")
-    mesh = topologies.make_mesh(topo, (1,), ("x",))
-    sharding = NamedSharding(mesh, P())
+    kind, sharding = target_sharding(args.target)
     mods = import_ops(args.project)
     dtype = jnp.dtype(args.dtype)
-    print(f"jax {jax.__version__}; target {topo.devices[0].device_kind} (deviceless), {dtype}")
-    if args.tpu:
-        print(try_tpu())
+    print(f"jax {jax.__version__}; target {kind} (deviceless), {dtype}")
     head = f"{'case':<8} {'impl':<7} {'program':<8} {'GB':>8} {'floor GB':>8} "
     head += f"{'ratio':>7} {'kernels':>7}"
     print(head + "  top kernels (opcode: launches, GB)")

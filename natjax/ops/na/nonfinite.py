@@ -9,14 +9,14 @@ bands or (dense) whole images NaN, and each backend spreads it differently.
 `confine_nonfinite` wraps any backend ``fn(q, k, v, rpb, params) -> (out, lse)`` (applied once, in
 `api.py`, so every backend gets it):
 
-  * fast path: when every entry of `q`, `k` and `v` is finite, the backend runs unchanged
-    (``lax.cond``; the check reads `q`, `k` and `v` once more). Under `jax.vmap` the predicate
-    is batched and the cond becomes a select: both paths then run.
-  * confined path (under the name scope `CONFINED_SCOPE`, which `experiments/hbm_aot.py` leaves
-    out of the traffic of finite inputs): the
-    backend runs on the inputs with every non-finite entry replaced by 0, then the outputs that
-    NATTEN makes non-finite are overwritten, from neighborhood sets computed with
-    `spec.axis_windows` (never from a second attention call):
+  * the backend always runs on the inputs with every non-finite entry replaced by 0 (a `where`;
+    for finite inputs that is the input itself), outside any conditional;
+  * a fix-up then adds what NATTEN makes non-finite, computed in a ``lax.cond`` only when some
+    entry of `q`, `k` or `v` is non-finite (branch 1, under the name scope `CONFINED_SCOPE`,
+    which `experiments/hbm_aot.py` counts apart); for finite inputs branch 0 returns zeros. The
+    neighborhood sets come from `spec.axis_windows` (`in_neighborhood`), never from a second
+    attention call. Under `jax.vmap` the predicate is batched and the cond becomes a select:
+    the fix-up is then computed for every call. The rules:
       - value channel `c` of query `i` is NaN if the neighborhood of `i` holds a NaN in channel
         `c`, or both a +inf and a -inf; else +inf (-inf) if it holds a +inf (-inf). Exactly what
         NATTEN's ``attn @ v`` gives while the weight of that token is > 0 (when it underflows to
@@ -27,9 +27,9 @@ bands or (dense) whole images NaN, and each backend spreads it differently.
         logit); where a key's infinity makes the logit exactly -inf NATTEN drops that key and the
         output stays finite, which this does not model.
 
-Gradients (the confined path): the gradient of the same computation on the zero-substituted
-inputs, with the cotangent of every output (overwritten or not) passed on unchanged and the
-substitution treated as the identity. So every gradient is finite where `rpb` and the upstream
+Gradients: the gradient of the same computation on the zero-substituted inputs, with the
+cotangent of every output (overwritten or not) passed on unchanged and the substitution treated
+as the identity. So every gradient is finite where `rpb` and the upstream
 cotangent are. For a non-finite value, `dv` equals NATTEN's everywhere (it is ``attn^T d_out``,
 which does not depend on `v`), and `dq`, `dk`, `drpb` equal NATTEN's wherever NATTEN's are
 finite; NATTEN's are NaN for the queries whose neighborhood holds the value, the keys those
@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from natjax.ops.na.spec import NAParams, axis_windows
 
@@ -63,7 +64,10 @@ def in_neighborhood(flags, params: NAParams):
 
     The neighborhood is the Cartesian product of the per-axis windows of `spec.axis_windows`
     (that is how every backend and the dense reference build it), so the "any" is taken one
-    spatial axis at a time: a gather of `[L, K]` window positions per axis, O(N K ndim).
+    spatial axis at a time: along an axis every window is `K` positions `d` apart from its first
+    key `f` (which is `< 0` where a causal window runs off the start), so a dilated windowed max
+    over the axis padded by `(K - 1) d` in front, read at `f + (K - 1) d`, is the OR over the
+    window. Intermediates stay the size of `flags`.
 
     Args:
       flags: bool `[batch, *spatial, ...]`, True at the flagged key/value positions.
@@ -72,19 +76,26 @@ def in_neighborhood(flags, params: NAParams):
     Returns:
       bool, the shape of `flags`: True where a flagged token is in the query's neighborhood.
     """
-    out = flags
+    out = flags.astype(jnp.uint8)
     for ax in range(params.ndim):
         axis = 1 + ax
-        length = flags.shape[axis]
-        win = axis_windows(
-            length, params.kernel_size[ax], params.dilation[ax], params.is_causal[ax]
-        )
-        # [..., L * K, ...] -> [..., L, K, ...]; invalid (causal, before the start) slots off.
-        picked = jnp.take(out, win.key.reshape(-1), axis=axis)
-        picked = picked.reshape(*out.shape[:axis], length, win.key.shape[1], *out.shape[axis + 1 :])
-        valid = win.valid.reshape((length, win.key.shape[1]) + (1,) * (out.ndim - axis - 1))
-        out = jnp.any(picked & valid, axis=axis + 1)
-    return out
+        k, d = params.kernel_size[ax], params.dilation[ax]
+        win = axis_windows(out.shape[axis], k, d, params.is_causal[ax])
+        # First key of each window from any valid slot (every window holds its own query).
+        slot = np.argmax(win.valid, axis=1)
+        first = win.key[np.arange(len(slot)), slot] - slot * d
+        window = [1] * out.ndim
+        window[axis] = k
+        dilation = [1] * out.ndim
+        dilation[axis] = d
+        padding = [(0, 0)] * out.ndim
+        padding[axis] = ((k - 1) * d, 0)
+        windowed = jax.lax.reduce_window(
+            out, np.uint8(0), jax.lax.max, window, (1,) * out.ndim, padding,
+            window_dilation=dilation,
+        )  # fmt: skip
+        out = jnp.take(windowed, first + (k - 1) * d, axis=axis)
+    return out.astype(bool)
 
 
 # Name scope of the confined branch: experiments/hbm_aot.py recognises its kernels by this name in
@@ -93,30 +104,33 @@ CONFINED_SCOPE = "natjax_nonfinite_confined"
 
 
 @jax.named_scope(CONFINED_SCOPE)
-def _confined(fn: Callable, params: NAParams, q, k, v, rpb):
-    """The NATTEN result for inputs with non-finite entries (see the module docstring)."""
-    out, lse = fn(_zero_nonfinite(q), _zero_nonfinite(k), _zero_nonfinite(v), rpb, params)
+def _fixes(params: NAParams, q, k, v, out_dtype, lse_dtype):
+    """What NATTEN's results add to the zero-substituted ones (module docstring): `(fix, lse_fix)`,
+    0 where the result is finite, else the inf/NaN that NATTEN gives there."""
     nan_or_pos = jnp.isnan(v) | jnp.isposinf(v)
     nan_or_neg = jnp.isnan(v) | jnp.isneginf(v)
     bad_key = jnp.any(~jnp.isfinite(k), axis=-1)
-    # One gather pass for all three flag sets: [batch, *spatial, heads, 2 * head_dim + 1].
+    # One neighborhood pass for all three flag sets: [batch, *spatial, heads, 2 * head_dim + 1].
     seen = in_neighborhood(jnp.concatenate([nan_or_pos, nan_or_neg, bad_key[..., None]], -1),
                            params)  # fmt: skip
     d = v.shape[-1]
     pos, neg = seen[..., :d], seen[..., d : 2 * d]
     bad_row = seen[..., 2 * d] | jnp.any(~jnp.isfinite(q), axis=-1)
-    inf = jnp.asarray(jnp.inf, out.dtype)
-    fix = jnp.where(pos, inf, jnp.where(neg, -inf, jnp.zeros((), out.dtype)))
-    fix = jnp.where((pos & neg) | bad_row[..., None], jnp.asarray(jnp.nan, out.dtype), fix)
-    # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); stop_gradient
-    # passes every output's cotangent to the zero-substituted computation unchanged.
-    out = out + jax.lax.stop_gradient(fix)
-    lse = lse + jax.lax.stop_gradient(jnp.where(bad_row, jnp.nan, 0.0).astype(lse.dtype))
-    return out, lse
+    inf = jnp.asarray(jnp.inf, out_dtype)
+    fix = jnp.where(pos, inf, jnp.where(neg, -inf, jnp.zeros((), out_dtype)))
+    fix = jnp.where((pos & neg) | bad_row[..., None], jnp.asarray(jnp.nan, out_dtype), fix)
+    return fix, jnp.where(bad_row, jnp.nan, 0.0).astype(lse_dtype)
 
 
 def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     """Runs a backend with NATTEN's confinement of NaN/inf inputs.
+
+    The backend always runs on the zero-substituted inputs (a `where` that XLA fuses into the
+    first reads of the XLA backends; custom-call backends read a substituted copy). Only the
+    fix-up sits in a `lax.cond`, outside differentiation (`stop_gradient`): for finite inputs it
+    costs the finiteness check of `q`, `k`, `v` and one zero `[batch, *spatial, heads, head_dim]`
+    array; the attention itself is not inside a conditional, so XLA still shares work between
+    the forward and the backward (measured with `experiments/hbm_aot.py`).
 
     Args:
       fn: the backend, `fn(q, k, v, rpb, params) -> (out, lse)`.
@@ -127,11 +141,16 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     Returns:
       `(out, lse)` as `fn` returns them; identical to `fn` when all of `q`, `k`, `v` are finite.
     """
+    out, lse = fn(_zero_nonfinite(q), _zero_nonfinite(k), _zero_nonfinite(v), rpb, params)
     nonfinite = ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)) & jnp.all(jnp.isfinite(v)))
-    # Branch 0 (False) is the plain backend, branch 1 the confined path (named CONFINED_SCOPE).
-    return jax.lax.cond(
+    sg = jax.lax.stop_gradient
+    # Branch 1 (True) computes the fix-up (named CONFINED_SCOPE); branch 0 adds nothing.
+    fix, lse_fix = jax.lax.cond(
         nonfinite,
-        lambda q, k, v, rpb: _confined(fn, params, q, k, v, rpb),
-        lambda q, k, v, rpb: fn(q, k, v, rpb, params),
-        q, k, v, rpb,
+        lambda q, k, v: _fixes(params, q, k, v, out.dtype, lse.dtype),
+        lambda q, k, v: (jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)),
+        sg(q), sg(k), sg(v),
     )  # fmt: skip
+    # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); the cotangent
+    # of every output passes to the zero-substituted computation unchanged.
+    return out + fix, lse + lse_fix
