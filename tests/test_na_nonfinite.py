@@ -37,6 +37,7 @@ GEOMETRIES = {
     "2d": ((7, 8), (3, 3), (2, 1), (False, True)),
     "3d": ((4, 6, 5), (3, 3, 3), (1, 2, 1), (True, False, False)),
 }
+GRAD_GEOMETRY = "2d"  # the geometry whose gradients are checked too
 HEADS, DIM = 2, 4
 POISON_HEAD = 1
 # (tensor, fill per channel). Channel 0 of q is > 0 and channel 1 < 0 everywhere, so an infinite
@@ -128,9 +129,10 @@ def _reference(geometry):
 
 
 def _value_and_grads(impl, geometry, inputs):
-    """(out, lse, dq, dk, dv, drpb) of sum(out * d_out) + sum(lse * d_lse), rpb included.
+    """(out, lse[, dq, dk, dv, drpb]) of sum(out * d_out) + sum(lse * d_lse), rpb included.
 
-    The lse enters linearly so that its cotangent stays finite where the lse is NaN.
+    Gradients only for `GRAD_GEOMETRY` (each compile of a Pallas backward in interpret mode
+    costs seconds). The lse enters linearly so that its cotangent stays finite where it is NaN.
     """
     spatial, kernel, *_ = GEOMETRIES[geometry]
     rng = np.random.default_rng(7)
@@ -138,21 +140,26 @@ def _value_and_grads(impl, geometry, inputs):
     rpb = jnp.asarray(rng.standard_normal((HEADS, *(2 * kk - 1 for kk in kernel))), jnp.float32)
     d_out = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     d_lse = jnp.asarray(rng.standard_normal(shape[:-1]), jnp.float32)
+    args = (inputs["q"], inputs["k"], inputs["v"], rpb)
+    if geometry != GRAD_GEOMETRY:
+        out, lse = jax.jit(lambda *a: _call(impl, geometry, *a))(*args)
+        return np.asarray(out, np.float32), np.asarray(lse, np.float32)
 
     def loss(q, k, v, rpb):
         out, lse = _call(impl, geometry, q, k, v, rpb)
         return jnp.sum(out * d_out) + jnp.sum(lse * d_lse), (out, lse)
 
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
-    (_, (out, lse)), grads = grad(inputs["q"], inputs["k"], inputs["v"], rpb)
+    (_, (out, lse)), grads = grad(*args)
     return tuple(np.asarray(x, np.float32) for x in (out, lse, *grads))
 
 
 @pytest.mark.parametrize("geometry", list(GEOMETRIES))
 @pytest.mark.parametrize("impl", BACKENDS)
 def test_nonfinite_token_confined_to_its_neighborhood(impl, geometry):
-    """Forward: non-finite exactly where NATTEN is, the clean result elsewhere. Backward: every
-    gradient finite and equal to the zero-substituted call's (the documented rule)."""
+    """Forward: non-finite exactly where NATTEN is, the clean result elsewhere. Backward (in
+    `GRAD_GEOMETRY`): every gradient finite and equal to the zero-substituted call's (the
+    documented rule of nonfinite.py; `dv` is then NATTEN's)."""
     raw, _, want_out, want_lse, cases = _build(geometry)
     out, lse, *grads = _value_and_grads(impl, geometry, raw)
     ref_out, ref_lse, *ref_grads = _reference(geometry)
@@ -160,7 +167,8 @@ def test_nonfinite_token_confined_to_its_neighborhood(impl, geometry):
         what = f"{impl} {geometry} token {pos} {name}={fill}"
         _check(out[b], ref_out[b], want_out[b], f"out {what}")
         _check(lse[b], ref_lse[b], want_lse[b], f"lse {what}")
-    for g, w, name in zip(grads, ref_grads, ("dq", "dk", "dv", "drpb"), strict=True):
+    assert len(grads) == len(ref_grads) == (4 if geometry == GRAD_GEOMETRY else 0)
+    for g, w, name in zip(grads, ref_grads, ("dq", "dk", "dv", "drpb")[: len(grads)], strict=True):
         assert np.isfinite(g).all(), f"{impl} {geometry}: {name} has non-finite entries"
         scale = float(np.max(np.abs(w))) + 1.0
         assert_close(g, w, 2e-5, 2e-5 * scale, f"{impl} {geometry} {name}")
@@ -170,14 +178,14 @@ def test_vmap_and_finite_fast_path():
     """Under vmap the cond becomes a select: the finite member equals the unwrapped call, the
     poisoned one is confined as without vmap."""
     raw, clean, want_out, _, _ = _build("1d")
-    f = jax.jit(lambda q, k, v: _call("xla", "1d", q, k, v)[0])
+    f = jax.jit(lambda q, k, v: _call("reference", "1d", q, k, v)[0])
     stacked = [jnp.stack([clean[x], raw[x]]) for x in ("q", "k", "v")]
     got = np.asarray(jax.jit(jax.vmap(f))(*stacked))
     assert_close(got[0], f(clean["q"], clean["k"], clean["v"]), 2e-5, 2e-5, "vmap finite")
     _check(got[1], f(clean["q"], clean["k"], clean["v"]), want_out, "vmap poisoned")
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(4))
 def test_in_neighborhood_matches_dense_mask(seed):
     rng = np.random.default_rng(seed)
     ndim = 1 + seed % 3
@@ -189,7 +197,8 @@ def test_in_neighborhood_matches_dense_mask(seed):
     causal = tuple(bool(c) for c in rng.random(ndim) < 0.5)
     params = make_params(ndim, spatial, 4, kernel, dilation, causal, None)
     flags = rng.random((2, *spatial, 3)) < 0.05
-    got = np.asarray(in_neighborhood(jnp.asarray(flags), params))
+    flags.flat[rng.integers(flags.size)] = True  # never all False
+    got = np.asarray(jax.jit(in_neighborhood, static_argnums=1)(jnp.asarray(flags), params))
     mask, _ = dense_mask_and_bias_index(spatial, params)
     n = math.prod(spatial)
     want = (mask[None, :, :, None] & flags.reshape(2, 1, n, 3)).any(axis=2)
