@@ -148,7 +148,8 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     fix, lse_fix = jax.lax.cond(
         nonfinite,
         lambda q, k, v: _fixes(params, q, k, v, out.dtype, lse.dtype),
-        lambda q, k, v: (jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)),
+        # zeros_like keeps the operands' sharding (explicit meshes type it): same as branch 1.
+        lambda q, k, v: (jnp.zeros_like(v, out.dtype), jnp.zeros_like(q[..., 0], lse.dtype)),
         sg(q), sg(k), sg(v),
     )  # fmt: skip
     # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); the cotangent
