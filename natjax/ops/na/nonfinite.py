@@ -9,14 +9,14 @@ bands or (dense) whole images NaN, and each backend spreads it differently.
 `confine_nonfinite` wraps any backend ``fn(q, k, v, rpb, params) -> (out, lse)`` (applied once, in
 `api.py`, so every backend gets it):
 
-  * fast path: when every entry of `q`, `k` and `v` is finite, the backend runs unchanged
-    (``lax.cond``; the check reads `q`, `k` and `v` once more). Under `jax.vmap` the predicate
-    is batched and the cond becomes a select: both paths then run.
-  * confined path (under the name scope `CONFINED_SCOPE`, which `experiments/hbm_aot.py` leaves
-    out of the traffic of finite inputs): the
-    backend runs on the inputs with every non-finite entry replaced by 0, then the outputs that
-    NATTEN makes non-finite are overwritten, from neighborhood sets computed with
-    `spec.axis_windows` (never from a second attention call):
+  * the backend always runs on the inputs with every non-finite entry replaced by 0 (a `where`;
+    for finite inputs that is the input itself), outside any conditional;
+  * a fix-up then adds what NATTEN makes non-finite, computed in a ``lax.cond`` only when some
+    entry of `q`, `k` or `v` is non-finite (branch 1, under the name scope `CONFINED_SCOPE`,
+    which `experiments/hbm_aot.py` counts apart); for finite inputs branch 0 returns zeros. The
+    neighborhood sets come from `spec.axis_windows` (`in_neighborhood`), never from a second
+    attention call. Under `jax.vmap` the predicate is batched and the cond becomes a select:
+    the fix-up is then computed for every call. The rules:
       - value channel `c` of query `i` is NaN if the neighborhood of `i` holds a NaN in channel
         `c`, or both a +inf and a -inf; else +inf (-inf) if it holds a +inf (-inf). Exactly what
         NATTEN's ``attn @ v`` gives while the weight of that token is > 0 (when it underflows to
@@ -27,9 +27,9 @@ bands or (dense) whole images NaN, and each backend spreads it differently.
         logit); where a key's infinity makes the logit exactly -inf NATTEN drops that key and the
         output stays finite, which this does not model.
 
-Gradients (the confined path): the gradient of the same computation on the zero-substituted
-inputs, with the cotangent of every output (overwritten or not) passed on unchanged and the
-substitution treated as the identity. So every gradient is finite where `rpb` and the upstream
+Gradients: the gradient of the same computation on the zero-substituted inputs, with the
+cotangent of every output (overwritten or not) passed on unchanged and the substitution treated
+as the identity. So every gradient is finite where `rpb` and the upstream
 cotangent are. For a non-finite value, `dv` equals NATTEN's everywhere (it is ``attn^T d_out``,
 which does not depend on `v`), and `dq`, `dk`, `drpb` equal NATTEN's wherever NATTEN's are
 finite; NATTEN's are NaN for the queries whose neighborhood holds the value, the keys those
@@ -42,6 +42,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from natjax.ops.na.spec import NAParams, axis_windows
 
@@ -63,7 +64,12 @@ def in_neighborhood(flags, params: NAParams):
 
     The neighborhood is the Cartesian product of the per-axis windows of `spec.axis_windows`
     (that is how every backend and the dense reference build it), so the "any" is taken one
-    spatial axis at a time: a gather of `[L, K]` window positions per axis, O(N K ndim).
+    spatial axis at a time: along an axis every window is `K` positions `d` apart from its first
+    key `f` (which is `< 0` where a causal window runs off the start), so a dilated windowed max
+    over the axis padded by `(K - 1) d` in front, read at `f + (K - 1) d`, is the OR over the
+    window. Intermediates stay the size of `flags`. A causal axis with a stride is the exception:
+    its windows are cut at the query (fewer than `K` keys after the leader's start), so there the
+    window slots are gathered (`[L, K]` positions) and OR-ed.
 
     Args:
       flags: bool `[batch, *spatial, ...]`, True at the flagged key/value positions.
@@ -72,20 +78,33 @@ def in_neighborhood(flags, params: NAParams):
     Returns:
       bool, the shape of `flags`: True where a flagged token is in the query's neighborhood.
     """
-    out = flags
+    out = flags.astype(jnp.uint8)
     for ax in range(params.ndim):
         axis = 1 + ax
-        length = flags.shape[axis]
-        win = axis_windows(
-            length, params.kernel_size[ax], params.dilation[ax], params.is_causal[ax],
-            params.stride[ax],
+        k, d = params.kernel_size[ax], params.dilation[ax]
+        win = axis_windows(out.shape[axis], k, d, params.is_causal[ax], params.stride[ax])
+        if params.is_causal[ax] and params.stride[ax] > 1:
+            length = out.shape[axis]
+            picked = jnp.take(out, win.key.reshape(-1), axis=axis)
+            picked = picked.reshape(*out.shape[:axis], length, k, *out.shape[axis + 1 :])
+            valid = win.valid.reshape((length, k) + (1,) * (out.ndim - axis - 1))
+            out = jnp.max(jnp.where(valid, picked, np.uint8(0)), axis=axis + 1)
+            continue
+        # First key of each window from any valid slot (every window holds its own query).
+        slot = np.argmax(win.valid, axis=1)
+        first = win.key[np.arange(len(slot)), slot] - slot * d
+        window = [1] * out.ndim
+        window[axis] = k
+        dilation = [1] * out.ndim
+        dilation[axis] = d
+        padding = [(0, 0)] * out.ndim
+        padding[axis] = ((k - 1) * d, 0)
+        windowed = jax.lax.reduce_window(
+            out, np.uint8(0), jax.lax.max, window, (1,) * out.ndim, padding,
+            window_dilation=dilation,
         )  # fmt: skip
-        # [..., L * K, ...] -> [..., L, K, ...]; invalid (causal, before the start) slots off.
-        picked = jnp.take(out, win.key.reshape(-1), axis=axis)
-        picked = picked.reshape(*out.shape[:axis], length, win.key.shape[1], *out.shape[axis + 1 :])
-        valid = win.valid.reshape((length, win.key.shape[1]) + (1,) * (out.ndim - axis - 1))
-        out = jnp.any(picked & valid, axis=axis + 1)
-    return out
+        out = jnp.take(windowed, first + (k - 1) * d, axis=axis)
+    return out.astype(bool)
 
 
 # Name scope of the confined branch: experiments/hbm_aot.py recognises its kernels by this name in
@@ -100,7 +119,7 @@ def _fixes(params: NAParams, q, k, v, out_dtype, lse_dtype):
     nan_or_pos = jnp.isnan(v) | jnp.isposinf(v)
     nan_or_neg = jnp.isnan(v) | jnp.isneginf(v)
     bad_key = jnp.any(~jnp.isfinite(k), axis=-1)
-    # One gather pass for all three flag sets: [batch, *spatial, heads, 2 * head_dim + 1].
+    # One neighborhood pass for all three flag sets: [batch, *spatial, heads, 2 * head_dim + 1].
     seen = in_neighborhood(jnp.concatenate([nan_or_pos, nan_or_neg, bad_key[..., None]], -1),
                            params)  # fmt: skip
     # Flags per kv head -> per query head (GQA/MQA: query head h reads kv head h // group).
@@ -140,7 +159,8 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     fix, lse_fix = jax.lax.cond(
         nonfinite,
         lambda q, k, v: _fixes(params, q, k, v, out.dtype, lse.dtype),
-        lambda q, k, v: (jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)),
+        # zeros_like keeps the operands' sharding (explicit meshes type it): same as branch 1.
+        lambda q, k, v: (jnp.zeros_like(v, out.dtype), jnp.zeros_like(q[..., 0], lse.dtype)),
         sg(q), sg(k), sg(v),
     )  # fmt: skip
     # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); the cotangent
