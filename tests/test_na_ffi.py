@@ -113,6 +113,30 @@ def test_any_tiling_matches_reference(spatial, kernel, dilation, causal, tile):
         assert_close(g, w, 2e-5, 2e-5, f"{name} tile={tile}")
 
 
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,causal,dim,dtype",
+    [
+        ((40, 40), 35, 1, False, 4, jnp.float32),  # a window alone beyond the block's slots
+        ((7, 11), (3, 5), (1, 2), (True, False), 8, jnp.float32),  # ragged blocks, causal
+        ((5, 6, 7), (3, 3, 5), 1, (False, False, True), 16, jnp.bfloat16),
+        ((14, 14), 7, 1, False, 32, jnp.float16),  # NAT stage-3 shape, 2x2 blocks
+    ],
+)
+def test_blocked_forward_matches_dense(spatial, kernel, dilation, causal, dim, dtype):
+    """The register-blocked float32 forward (small halos: block_fwd.h), with its fallbacks."""
+    rng = np.random.default_rng(dim)
+    nd = len(spatial)
+    params = make_params(nd, spatial, dim, kernel, dilation, causal, None)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, *spatial, 3, dim)), dtype) for _ in range(3))
+    rpb = jnp.asarray(rng.standard_normal((3, *params.rpb_shape_tail)), jnp.float32)
+    out, lse = ffi.na_ffi(q, k, v, rpb, params)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want_out, want_lse = _dense(f32(q), f32(k), f32(v), rpb, params)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    assert_close(out, want_out.astype(dtype), tol, tol, "out")
+    assert_close(lse, want_lse, tol, tol, "lse")
+
+
 def test_one_pass_backward_with_gqa():
     """batch x kv_heads >= 16 selects the one-pass backward (dk/dv scattered per slice)."""
     spatial, kernel, dilation, causal = (7, 9), (3, 5), (2, 1), (False, True)
