@@ -3,7 +3,7 @@
 Each `GateCase` is one public-API call (`natjax.na1d/2d/3d(..., implementation="pallas")`). The
 gate (`compile_gate.py`) compiles `jax.grad` of it for an H100 and checks every kernel with ptxas;
 `accepted` records what the gate found: True when the kernels compile clean (no error, no
-spill, shared memory within a block's limit, >= 1 resident block per SM), False when they do not.
+spill, shared memory within a block's limit, >= 2 resident blocks per SM), False when they do not.
 `unsupported_reason` must refuse exactly the cases with `accepted=False`
 (`tests/test_na_pallas.py::test_gate_table_agrees_with_unsupported_reason`), so the default
 implementation falls back to `xla` instead of failing to compile on a GPU.

@@ -194,10 +194,16 @@ def ttir_text(ir_bytes: bytes) -> str:
 
 
 _TENSOR = re.compile(r"tensor<([0-9x]+)x[!a-z]")
-_OP = re.compile(r"^\s*(?:%[\w#:, %]+=\s*)?\"?([a-z_]+\.[a-z_.]+)\"?")
+_DEF = re.compile(r"^\s*(%[\w#]+)(?::\d+)?\s*=\s*\"?([a-z_]+\.[a-z_.]+)\"?(.*)$")
+_STMT = re.compile(r"^\s*\"?([a-z_]+\.[a-z_.]+)\"?(.*)$")
+_VAL = re.compile(r"%[\w#]+")
 _FREE = ("arith.constant", "scf.yield", "tt.return", "tt.reduce.return")
 # Shape-only ops: register renaming, folded by the Triton/LLVM backend as a rule; counted apart.
-LAYOUT = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans")
+LAYOUT = ("tt.splat", "tt.broadcast", "tt.expand_dims", "tt.reshape", "tt.trans", "tt.make_range")
+# Value-preserving ops between a tile load and the matmul operand it feeds.
+_PASS = ("tt.trans", "arith.truncf", "arith.extf", "tt.reshape", "tt.broadcast")
+# The passes Triton's own TTIR pipeline (`make_ttir`) starts with: what the GPU compiler sees.
+CANONICAL_PIPELINE = "builtin.module(canonicalize,cse,loop-invariant-code-motion,canonicalize)"
 
 
 def _numel(shape: str) -> int:
@@ -207,25 +213,46 @@ def _numel(shape: str) -> int:
     return n
 
 
-def loop_ops_per_score(ttir: str) -> list[dict]:
-    """Non-matmul work per score of every innermost `scf.for` loop with a matmul.
+def canonicalize(ttir: str) -> str:
+    """Runs MLIR's canonicalize, CSE and loop-invariant code motion on Triton IR text (the first
+    passes of Triton's own TTIR pipeline, with the Triton dialect's folders): Pallas emits every
+    block offset and unit stride as elementwise tensor ops, which these passes fold or hoist."""
+    from jax._src.interpreters import mlir
+    from jax._src.lib import triton
+    from jax._src.lib.mlir import ir, passmanager
 
-    Each op in the loop body (not `tt.dot`, constants or yields) counts its result's elements
-    (a reduction: its operand's), divided by the elements of the loop's first `tt.dot` result
-    (the score block `q k^T`): one elementwise op over the score block counts 1, one over a
-    `[rows]` vector 1/keys. Scalar ops are free. Shape-only ops (`LAYOUT`: splat, broadcast,
-    expand_dims, ...) are reported apart as `layout_per_score`. `score_block_ops` counts only
-    the ops over exactly the score block (index math of the key/value loads, which scales with
-    keys x head_dim, and `[rows]` vectors left out): the per-score work proper.
+    ctx = mlir.make_ir_context()
+    triton.dialect.register_dialect(ctx)
+    with ctx:
+        module = ir.Module.parse(_opaque_trip_counts(ttir))
+        passmanager.PassManager.parse(CANONICAL_PIPELINE).run(module.operation)
+        return module.operation.get_asm(enable_debug_info=False)
 
-    Args:
-      ttir: Triton IR text of one kernel.
 
-    Returns:
-      One dict per loop: `ops_per_score`, `score_block_ops`, `layout_per_score`,
-      `score_elements`, `dots`, `top` (the 8 heaviest op kinds with their per-score counts).
-    """
-    lines = ttir.splitlines()
+_FOR = re.compile(
+    r"^(\s*)(%[\w#]+(?::\d+)?\s*=\s*scf\.for\s+%[\w#]+\s*=\s*%[\w#]+\s+to\s+)(%[\w#]+)"
+)
+
+
+def _opaque_trip_counts(ttir: str) -> str:
+    """Gives every `scf.for` an upper bound the folder cannot see through (`max(bound,
+    num_programs)`; this IR is only counted, never compiled), so canonicalize keeps one-trip
+    loops (1-D calls have one halo row) as loops instead of inlining them into the kernel body:
+    the per-step work stays countable."""
+    out = []
+    for i, line in enumerate(ttir.splitlines()):
+        m = _FOR.match(line)
+        if m:
+            ub = f"%__opaque_ub{i}"
+            out.append(f"{m[1]}%__np{i} = tt.get_num_programs x : i32")
+            out.append(f"{m[1]}{ub} = arith.maxsi {m[3]}, %__np{i} : i32")
+            line = m[1] + m[2] + ub + line[m.end() :]
+        out.append(line)
+    return "\n".join(out)
+
+
+def _innermost_loops(lines: list[str]) -> list[list[str]]:
+    """Bodies of the innermost `scf.for` loops that contain a `tt.dot`."""
     loops = []
     for start, line in enumerate(lines):
         if "scf.for" not in line:
@@ -237,48 +264,182 @@ def loop_ops_per_score(ttir: str) -> list[dict]:
                 body.append(lines[j])
             if depth <= 0 and j > start:
                 break
-        loops.append(body)
-    out = []
-    for body in loops:
-        dots = [ln for ln in body if "tt.dot" in ln]
-        if not dots or any("scf.for" in ln for ln in body):  # innermost loops only
-            continue
-        score = _numel(_TENSOR.findall(dots[0])[-1])
-        per_kind: dict[str, float] = {}
-        score_kind: dict[str, float] = {}  # ops over exactly the score block (or reducing it)
-        pending_reduce = False
-        for ln in body:
-            m = _OP.match(ln)
-            if ln.strip().startswith("})") and pending_reduce:
+        if any("tt.dot" in ln for ln in body) and not any("scf.for" in ln for ln in body):
+            loops.append(body)
+    return loops
+
+
+def _parse_body(body: list[str]) -> list[dict]:
+    """The loop body's top-level ops: kind, result name, operands, element count.
+
+    A `tt.reduce` region (its combiner, one scalar op) is folded into the reduce, which counts
+    its operand's elements.
+    """
+    ops, depth, pending = [], 0, None
+    for ln in body:
+        opens, closes = ln.count("{"), ln.count("}")
+        if pending is not None:
+            depth += opens - closes
+            if depth <= 0 and ln.strip().startswith("})"):
                 shapes = _TENSOR.findall(ln)
-                if shapes:
-                    per_kind["tt.reduce"] = per_kind.get("tt.reduce", 0) + _numel(shapes[0])
-                    if _numel(shapes[0]) == score:
-                        score_kind["tt.reduce"] = score_kind.get("tt.reduce", 0) + score
-                pending_reduce = False
-                continue
+                pending["elements"] = _numel(shapes[0]) if shapes else 1
+                ops.append(pending)
+                pending = None
+            continue
+        m = _DEF.match(ln)
+        if m:
+            name, kind, rest = m[1], m[2], m[3]
+        else:
+            m = _STMT.match(ln)
             if not m:
                 continue
-            kind = m[1]
-            if kind == "tt.reduce":
-                pending_reduce = True
+            name, kind, rest = None, m[1], m[2]
+        operands = _VAL.findall(rest.split(" : ")[0].split("<{")[0])
+        if kind == "tt.reduce":
+            pending, depth = dict(kind=kind, name=name, operands=operands, elements=1), 0
+            depth = opens - closes
+            continue
+        shapes = _TENSOR.findall(ln)
+        ops.append(
+            dict(kind=kind, name=name, operands=operands,
+                 elements=_numel(shapes[-1]) if shapes else 1)
+        )  # fmt: skip
+    return ops
+
+
+def _graph(ops: list[dict]) -> tuple[dict[str, int], dict[int, set[int]]]:
+    """(result name -> op index, op index -> indices of its users) within the loop body."""
+    by_name = {op["name"]: i for i, op in enumerate(ops) if op["name"]}
+    users: dict[int, set[int]] = {i: set() for i in range(len(ops))}
+    for i, op in enumerate(ops):
+        for v in op["operands"]:
+            if v in by_name:
+                users[by_name[v]].add(i)
+    return by_name, users
+
+
+def _score_slice(ops: list[dict], loads: set[int]) -> set[int]:
+    """Indices of the ops that compute on the score block: everything downstream of the first
+    `tt.dot` (the scores) up to and including the reductions and matmul operands it feeds, and
+    everything upstream of those outside the tile loads (the bias/mask lookup, `dO V^T`). Ops
+    on the `[rows]` statistics and the accumulators are past a reduction, so outside."""
+    by_name, users = _graph(ops)
+    first = next(i for i, op in enumerate(ops) if op["kind"] == "tt.dot")
+    down, stack = set(), [first]
+    while stack:
+        i = stack.pop()
+        if i in down:
+            continue
+        down.add(i)
+        if i == first or ops[i]["kind"] not in ("tt.reduce", "tt.dot"):
+            stack += [u for u in users[i] if ops[u]["kind"] != "tt.dot" or u == first]
+    part, stack = set(), list(down)
+    while stack:
+        i = stack.pop()
+        if i in part or i in loads:
+            continue
+        part.add(i)
+        stack += [by_name[v] for v in ops[i]["operands"] if v in by_name]
+    return part
+
+
+def _tile_load_slice(ops: list[dict]) -> set[int]:
+    """Indices of the ops that only load matmul operand tiles (K, V, Q, dO rows): the loads
+    whose value reaches a `tt.dot` operand through value-preserving ops, and the address and
+    mask arithmetic used by nothing else. That work scales with keys x head_dim, not with the
+    scores; a contiguous / TMA load replaces it."""
+    by_name, users = _graph(ops)
+
+    def feeds_dot(i, seen=()):
+        for u in users[i]:
+            kind = ops[u]["kind"]
+            if kind == "tt.dot" and ops[u]["operands"][2:3] != [ops[i]["name"]]:
+                return True
+            if kind in _PASS and u not in seen and feeds_dot(u, seen + (u,)):
+                return True
+        return False
+
+    roots = [i for i, op in enumerate(ops) if op["kind"] == "tt.load" and feeds_dot(i)]
+    part: set[int] = set()
+    stack = list(roots)
+    while stack:  # backward slice of the tile loads
+        i = stack.pop()
+        if i in part:
+            continue
+        part.add(i)
+        stack += [by_name[v] for v in ops[i]["operands"] if v in by_name]
+    changed = True
+    while changed:  # keep only ops whose users all load tiles (and the loads themselves)
+        changed = False
+        for i in list(part):
+            if i in roots:
                 continue
-            if kind in _FREE or kind == "tt.dot" or kind.startswith("scf."):
+            if any(u not in part for u in users[i]):
+                part.discard(i)
+                changed = True
+    return part
+
+
+def loop_ops_per_score(ttir: str, canonical: bool = True) -> list[dict]:
+    """Non-matmul work per score of every innermost `scf.for` loop with a matmul.
+
+    Counted on the Triton IR after `canonicalize` (what Triton compiles; `canonical=False`
+    counts the IR as Pallas emits it). Each op of the loop body (not `tt.dot`, constants,
+    yields or loop control) counts its result's elements (a reduction: its operand's), divided
+    by the elements of the loop's first `tt.dot` result (the score block `q k^T`). Scalar ops
+    count 1 element (about free). Three sums:
+
+    * `score_ops`: ops over the score block (`_score_slice`: the scores, what they feed up to
+      the reductions and matmuls, and what feeds them, outside the tile loads), counted where
+      their result has exactly the score block's elements: the per-score work proper (bias/mask
+      lookup, scale, softmax, `ds`, casts), the issue's metric;
+    * `ops_per_score`: every op outside the tile loads, incl. `[rows]` vectors and accumulator
+      rescales (`[rows, head_dim]`);
+    * `load_ops_per_element`: the tile loads' address/mask ops and loads (`_tile_load_slice`)
+      per loaded element;
+
+    shape-only ops (`LAYOUT`) are left out of all three and reported as `layout_per_score`.
+
+    Args:
+      ttir: Triton IR text of one kernel.
+      canonical: canonicalize first.
+
+    Returns:
+      One dict per loop: `score_ops`, `ops_per_score`, `load_ops_per_element`,
+      `layout_per_score`, `score_elements`, `dots`, `top` (the 8 heaviest op kinds outside the
+      tile loads with their per-score counts).
+    """
+    if canonical:
+        ttir = canonicalize(ttir)
+    out = []
+    for body in _innermost_loops(ttir.splitlines()):
+        ops = [op for op in _parse_body(body) if op["kind"] not in _FREE]
+        ops = [op for op in ops if not op["kind"].startswith("scf.")]
+        dots = [op for op in ops if op["kind"] == "tt.dot"]
+        score = dots[0]["elements"]
+        loads = _tile_load_slice(ops)
+        on_block = _score_slice(ops, loads)
+        per_kind: dict[str, float] = {}
+        on_scores = layout = load_ops = loaded = 0.0
+        for i, op in enumerate(ops):
+            kind, n = op["kind"], op["elements"]
+            if kind == "tt.dot":
                 continue
-            shapes = _TENSOR.findall(ln)
-            if shapes:
-                per_kind[kind] = per_kind.get(kind, 0) + _numel(shapes[-1])
-                if _numel(shapes[-1]) == score:
-                    score_kind[kind] = score_kind.get(kind, 0) + score
-        layout = sum(v for k, v in per_kind.items() if k in LAYOUT) / score
-        on_scores = sum(v for k, v in score_kind.items() if k not in LAYOUT) / score
-        total = sum(v for k, v in per_kind.items() if k not in LAYOUT) / score
+            if kind in LAYOUT:
+                layout += n
+            elif i in loads:
+                load_ops += n
+                loaded += n if kind == "tt.load" else 0
+            else:
+                per_kind[kind] = per_kind.get(kind, 0) + n
+                on_scores += n if (n == score and i in on_block) else 0
         top = sorted(per_kind.items(), key=lambda kv: -kv[1])[:8]
         out.append(
             dict(
-                ops_per_score=round(total, 2),
-                score_block_ops=round(on_scores, 2),
-                layout_per_score=round(layout, 2),
+                score_ops=round(on_scores / score, 2),
+                ops_per_score=round(sum(per_kind.values()) / score, 2),
+                load_ops_per_element=round(load_ops / max(loaded, 1), 2),
+                layout_per_score=round(layout / score, 2),
                 score_elements=score,
                 dots=len(dots),
                 top={k: round(v / score, 2) for k, v in top},

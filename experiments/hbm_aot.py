@@ -1,8 +1,15 @@
-"""HBM traffic of neighborhood attention compiled ahead of time for an H100, without a GPU.
+"""HBM traffic of neighborhood attention compiled ahead of time for an H100 or a TPU v5e.
 
-    /work/.venv-sm90/bin/python experiments/hbm_aot.py                 # every case, fwd and fwd+bwd
-    /work/.venv-sm90/bin/python experiments/hbm_aot.py --cases nat1,hdit --impls xla,dense
-    /work/.venv-sm90/bin/python experiments/hbm_aot.py --tpu           # also try a TPU v5e target
+    make compile-gate GATE_ARGS=--quick    # once: builds .venv-gate (jax + the CUDA plugin)
+    .venv-gate/bin/python experiments/hbm_aot.py                 # every case, fwd and fwd+bwd
+    .venv-gate/bin/python experiments/hbm_aot.py --cases nat1,hdit --impls xla,dense
+    python -m venv .venv-tpu && .venv-tpu/bin/pip install "jax[tpu]==<the installed jax>"
+    .venv-tpu/bin/python experiments/hbm_aot.py --target tpu-v5e --impls xla,band,dense
+
+TPU (no TPU needed): `libtpu` (the `jax[tpu]` extra) compiles for a deviceless topology on any
+x86-64 host; it only accepts whole hosts, so the topology is one v5e host (`v5e:2x2`) and the
+programs run on its first chip. TPU layouts pad minor dimensions to (8, 128) tiles, which the
+byte count includes (see `_shape_bytes`).
 
 Method (no device needed). The CUDA PJRT plugin matching the installed jax (`jax-cuda13-plugin`)
 is loaded but not started (`JAX_PLATFORMS=cpu`); `jax.experimental.topologies.get_topology_desc`
@@ -59,6 +66,9 @@ CASES = {
     "video3d": (2, (16, 32, 32), 8, 128, (3, 7, 7), 1, True),
 }
 DENSE_MAX_TOKENS = 8192
+# natjax.ops.na.nonfinite.CONFINED_SCOPE: the name scope of the NaN/inf branch (not imported here:
+# `kernel_traffic` must also read HLO text saved elsewhere).
+CONFINED_SCOPE = "natjax_nonfinite_confined"
 
 # ---------------------------------------------------------------------------------------------
 # Counting kernel bytes in optimised HLO text.
@@ -68,7 +78,9 @@ _BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2,
     "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
 }  # fmt: skip
-_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\]")
+_SHAPE = re.compile(r"\b(" + "|".join(_BYTES) + r")\[([\d,]*)\](\{[^}]*\})?")
+_TILE = re.compile(r":T\(([\d,]+)\)")
+_SPACE = re.compile(r"S\((\d+)\)")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _OPCODE = re.compile(r"\s([a-z][a-z0-9\-]*)\(")
 _COMP = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
@@ -77,6 +89,7 @@ _OPERAND = re.compile(r"%([\w.\-]+)")
 _BODY = re.compile(r"\bbody=%?([\w.\-]+)")
 _CALLS = re.compile(r"\b(?:to_apply|calls)=%?([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRUE_FALSE = re.compile(r"\b(?:true|false)_computation=%?([\w.\-]+)")  # a two-way cond
 # Opcodes that launch nothing (metadata, aliasing, control flow handled separately).
 _FREE = {
     "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
@@ -85,9 +98,26 @@ _FREE = {
 
 
 def _shape_bytes(text: str) -> int:
+    """Bytes of every array shape in `text` (an HLO result type, possibly a tuple).
+
+    TPU layouts (`{1,0:T(8,128)...}`) pad the minor dimensions to the memory tile, as the
+    hardware stores them (a minor dim of 7 occupies 128 lanes); arrays placed in on-chip memory
+    (`S(1)`, VMEM) are not HBM traffic and count 0. GPU layouts carry neither.
+    """
     total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        total += _BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+    for dtype, dims, layout in _SHAPE.findall(text):
+        shape = [int(d) for d in dims.split(",") if d]
+        if layout:
+            space = _SPACE.search(layout)
+            if space and space.group(1) != "0":
+                continue
+            tile = _TILE.search(layout)
+            if tile and shape:
+                minor_to_major = [int(x) for x in layout[1:].split(":")[0].split(",") if x]
+                sizes = [int(x) for x in tile.group(1).split(",")]
+                for size, axis in zip(reversed(sizes), minor_to_major, strict=False):
+                    shape[axis] = -(-shape[axis] // size) * size
+        total += _BYTES[dtype] * math.prod(shape)
     return total
 
 
@@ -125,7 +155,7 @@ def parse_hlo(text: str) -> dict[str, list[str]]:
 def kernel_traffic(text: str) -> dict:
     """Bytes (operands + results) and launches of every kernel, loops unrolled by trip count."""
     comps = parse_hlo(text)
-    stats = dict(bytes=0, kernels=0, unknown_trips=0, by_opcode={})
+    stats = dict(bytes=0, kernels=0, unknown_trips=0, by_opcode={}, confined_bytes=0)
     # Optimised HLO prints operands by name only: resolve them to their defining result types.
     result_of: dict[str, str] = {}
     for lines in comps.values():
@@ -155,9 +185,21 @@ def kernel_traffic(text: str) -> dict:
                 visit(_BODY.search(rest).group(1), times * n)
                 continue
             if opcode == "conditional":
+                # natjax's NaN/inf confinement (nonfinite.py) is a cond whose confined branch runs
+                # only for non-finite inputs: its kernels are counted apart (`confined_bytes`),
+                # recognised by their name scope, so `bytes` is the traffic of finite inputs.
                 branches = _BRANCHES.search(rest)
-                for b in branches.group(1).split(",") if branches else []:
-                    visit(b.strip().lstrip("%"), times)
+                names = branches.group(1).split(",") if branches else _TRUE_FALSE.findall(rest)
+                for b in names:
+                    b = b.strip().lstrip("%")
+                    if not any(CONFINED_SCOPE in line for line in comps.get(b, [])):
+                        visit(b, times)
+                        continue
+                    kept = stats["bytes"], stats["kernels"], json.dumps(stats["by_opcode"])
+                    visit(b, times)
+                    stats["confined_bytes"] += stats["bytes"] - kept[0]
+                    stats["bytes"], stats["kernels"] = kept[:2]
+                    stats["by_opcode"] = json.loads(kept[2])
                 continue
             if opcode == "call":
                 visit(_CALLS.search(rest).group(1), times)
@@ -243,19 +285,27 @@ def floor_bytes(case: str, program: str, itemsize: int) -> int:
     return (4 if program == "fwd" else 11) * x
 
 
-def try_tpu() -> str:
-    """Whether a deviceless TPU v5e topology can be made here (needs the `libtpu` package)."""
-    try:
-        import libtpu  # noqa: F401
-    except ImportError as err:
-        return f"no TPU compile: libtpu is not installed ({err})"
+def target_sharding(target: str):
+    """A one-device sharding on a deviceless topology of `target` ("h100" or "tpu-v5e")."""
+    import numpy as np
     from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    try:
-        topo = topologies.get_topology_desc("v5e:1x1", "tpu")
-        return f"TPU topology available: {topo.devices}"
-    except Exception as err:  # noqa: BLE001 - report whatever libtpu says
-        return f"no TPU compile: {type(err).__name__}: {str(err)[:300]}"
+    if target == "h100":
+        topo = topologies.get_topology_desc("", "cuda", target_config=H100, topology="1x1x1")
+    elif target == "tpu-v5e":
+        try:
+            import libtpu  # noqa: F401
+        except ImportError as err:
+            msg = f"--target tpu-v5e needs libtpu (pip install 'jax[tpu]'): {err}"
+            raise SystemExit(msg) from err
+        os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+        topo = topologies.get_topology_desc("v5e:2x2", "tpu")  # one host: the smallest accepted
+    else:
+        raise SystemExit(f"--target must be h100 or tpu-v5e, got {target!r}")
+    mesh = Mesh(np.array(topo.devices[:1]), ("x",))
+    return topo.devices[0].device_kind, NamedSharding(mesh, P())
 
 
 def main(argv=None) -> int:
@@ -266,23 +316,16 @@ def main(argv=None) -> int:
     ap.add_argument("--programs", default="fwd,fwd+bwd")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--json", default=None, help="write the rows to this file")
-    ap.add_argument("--tpu", action="store_true", help="also try a deviceless TPU v5e topology")
+    ap.add_argument("--target", default="h100", help="h100 (default) or tpu-v5e")
     args = ap.parse_args(argv)
 
     import jax
     import jax.numpy as jnp
-    from jax.experimental import topologies
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    topo = topologies.get_topology_desc("", "cuda", target_config=H100, topology="1x1x1")
-    mesh = topologies.make_mesh(topo, (1,), ("x",))
-    sharding = NamedSharding(mesh, P())
+    kind, sharding = target_sharding(args.target)
     mods = import_ops(args.project)
     dtype = jnp.dtype(args.dtype)
-    print(f"jax {jax.__version__}; target {topo.devices[0].device_kind} (deviceless), {dtype}")
-    if args.tpu:
-        print(try_tpu())
+    print(f"jax {jax.__version__}; target {kind} (deviceless), {dtype}")
     head = f"{'case':<8} {'impl':<7} {'program':<8} {'GB':>8} {'floor GB':>8} "
     head += f"{'ratio':>7} {'kernels':>7}"
     print(head + "  top kernels (opcode: launches, GB)")
@@ -311,6 +354,8 @@ def main(argv=None) -> int:
                     if st["unknown_trips"]
                     else ""
                 )
+                if st["confined_bytes"]:  # the NaN/inf branch (not run for finite inputs)
+                    flag += f" [+{st['confined_bytes'] / 1e9:.2f} GB if q/k/v hold NaN/inf]"
                 print(
                     f"{case:<8} {impl:<7} {program:<8} {st['bytes'] / 1e9:8.2f} {floor / 1e9:8.3f} "
                     f"{st['bytes'] / floor:7.1f} {st['kernels']:7d}  {top_s}{flag}"
@@ -320,7 +365,8 @@ def main(argv=None) -> int:
                 rows.append(
                     dict(case=case, impl=impl, program=program, bytes=st["bytes"], floor=floor,
                          ratio=st["bytes"] / floor, kernels=st["kernels"],
-                         by_opcode=st["by_opcode"], unknown_trips=st["unknown_trips"])
+                         by_opcode=st["by_opcode"], unknown_trips=st["unknown_trips"],
+                         confined_bytes=st["confined_bytes"])
                 )  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:

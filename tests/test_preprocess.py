@@ -127,3 +127,20 @@ def test_settings_from_hf_configs_and_checkpoints(tmp_path):
     plain = natjax.from_pretrained(golden_dir("nat_rand"))
     assert plain.preprocessing is None
     np.testing.assert_array_equal(natjax.preprocess(image, plain), natjax.preprocess(image))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        # Nested past Python's recursion limit: json.loads raised RecursionError here before.
+        (b'{"size": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "JSON nested 100001 levels deep"),
+        (b'{"size": "\xff"}', "not UTF-8 text"),
+        (b"[224]", "does not hold a JSON object"),
+        (b"{size: 224}", "not valid JSON"),
+    ],
+)
+def test_hostile_preprocessor_config_is_one_value_error(tmp_path, content, match):
+    path = tmp_path / "preprocessor_config.json"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"^{path}: {match}"):
+        PreprocessConfig.from_folder(tmp_path)

@@ -108,7 +108,7 @@ def test_index_must_agree_with_its_shards(tmp_path, golden_weights):
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         natjax.from_pretrained(folder)
     (folder / INDEX).write_text("[" * 100_000 + "]" * 100_000)
-    with pytest.raises(ValueError, match=r"index\.json: JSON nested too deeply"):
+    with pytest.raises(ValueError, match=r"index\.json: JSON nested 100000 levels deep"):
         natjax.from_pretrained(folder)
     (folder / INDEX).write_bytes(b'{"weight_map": {"a": "\xff"}}')
     with pytest.raises(ValueError, match=r"index\.json: not UTF-8"):

@@ -19,12 +19,10 @@ import dataclasses
 import json
 import logging
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -32,20 +30,11 @@ from safetensors.numpy import save_file
 
 import natjax.models as models
 from natjax.convert import torch_zip
-from natjax.convert.hf import key_table, model_kind, nnx_to_hf, param_variables
-from natjax.convert.hf_config import (
-    from_hf_config,
-    kind_from_hf_config,
-    read_json_object,
-    to_hf_config,
-)
+from natjax.convert.hf import model_kind, nnx_to_hf
+from natjax.convert.hf_config import from_hf_config, kind_from_hf_config, to_hf_config
 from natjax.convert.original import check_state_dict, hf_to_original, is_original_layout
-from natjax.convert.weights import (  # noqa: F401 (WEIGHT_SUFFIXES: re-exported)
-    WEIGHT_SUFFIXES,
-    check_float_weights,
-    read_sharded,
-    read_weights,
-)
+from natjax.convert.weights import check_float_weights
+from natjax.models.json_file import read_json_object
 from natjax.models.preprocessing import PREPROCESSOR_NAME, PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -61,12 +50,8 @@ FORMAT_VERSION = 1
 # safetensors header metadata of natjax checkpoints.
 _META = {"format": "np", "producer": "natjax"}
 
-# Architecture name -> natjax.models class name.
-ARCHITECTURES = {
-    "classification": "NatForImageClassification",
-    "backbone": "NatBackbone",
-    "model": "NatModel",
-}
+# Architecture names ("classification", "backbone", "model"): the model layer's class table.
+ARCHITECTURES = models.MODEL_CLASSES
 EXPORT_FORMATS = ("hf", "original")
 
 
@@ -96,7 +81,7 @@ def _config_from_dict(data: Mapping[str, Any], where: str):
         arch = data.get("architecture")
         if arch not in ARCHITECTURES:
             raise ValueError(
-                f"{where}: architecture={arch!r}; expected one of {list(ARCHITECTURES)}"
+                f"{where}: architecture={arch!r}; expected one of {sorted(ARCHITECTURES)}"
             )
         try:
             return models.NatConfig(**data["config"]), arch
@@ -150,20 +135,6 @@ def config_to_dict(config) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ weights
-def _find_weights(folder: Path) -> tuple[dict[str, np.ndarray], str]:
-    """Weights of a checkpoint folder and the file they came from."""
-    for name in (NATJAX_WEIGHTS_NAME, HF_SAFETENSORS_NAME, HF_TORCH_NAME, ORIGINAL_NAME):
-        if (folder / name).is_file():
-            return read_weights(folder / name), name
-    if (folder / HF_SAFETENSORS_INDEX).is_file():
-        return read_sharded(folder / HF_SAFETENSORS_INDEX), HF_SAFETENSORS_INDEX
-    found = sorted(p.name for p in folder.iterdir())[:10]
-    raise FileNotFoundError(
-        f"{folder}: no weights file; expected one of {NATJAX_WEIGHTS_NAME}, {HF_SAFETENSORS_NAME}, "
-        f"{HF_SAFETENSORS_INDEX}, {HF_TORCH_NAME}, {ORIGINAL_NAME} (folder holds {found})"
-    )
-
-
 def detect_layout(keys) -> str:
     """ "natjax" ('/'-joined nnx paths), "original" (SHI-Labs) or "hf" (Hugging Face)."""
     keys = list(keys)
@@ -172,18 +143,6 @@ def detect_layout(keys) -> str:
     if is_original_layout(keys):
         return "original"
     return "hf"
-
-
-def _architecture_from_keys(keys, layout: str) -> str:
-    if layout == "original":
-        return "classification"
-    # First path component: "classifier.weight" (HF) and "classifier/kernel" (natjax) alike.
-    roots = {re.split(r"[./]", k, maxsplit=1)[0] for k in keys}
-    if "hidden_states_norms" in roots:
-        return "backbone"
-    if "classifier" in roots:
-        return "classification"
-    return "model"
 
 
 # --------------------------------------------------------------------------------- nnx models
@@ -231,7 +190,7 @@ def instantiate_architecture(
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(f"architecture={architecture!r}; expected one of {sorted(ARCHITECTURES)}")
-    cls = getattr(models, ARCHITECTURES[architecture])
+    cls = ARCHITECTURES[architecture]
     if abstract and "rngs" not in model_kwargs:
         # The Rngs must be created inside the traced function (nnx trace-level rule).
         return nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **model_kwargs))
@@ -239,49 +198,12 @@ def instantiate_architecture(
     return cls(config, **model_kwargs)
 
 
-def _check_filled(model: nnx.Module, what: str) -> None:
-    abstract = [
-        "/".join(map(str, path))
-        for path, var in nnx.to_flat_state(nnx.state(model))
-        if isinstance(var.get_value(), jax.ShapeDtypeStruct)
-    ]
-    if abstract:
-        raise ValueError(f"{what}: weights left unset: {abstract[:5]} ({len(abstract)} in all)")
-
-
 def model_architecture(model: nnx.Module) -> str:
     """ "classification", "backbone" or "model" for a natjax model instance."""
     return model_kind(model)
 
 
-def _hf_reference_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
-    """HF key -> shape the model needs, without materialising (works on abstract models)."""
-    params = param_variables(model)
-    shapes = {}
-    for entry in key_table(model):
-        # Zero-stride stand-ins: the hooks only transpose/stack, so shapes come out right.
-        views = [
-            np.broadcast_to(np.zeros((), np.float32), params[p].get_value().shape)
-            for p in entry.nnx_paths
-        ]
-        shapes[entry.hf_key] = tuple(entry.hook.to_hf(*views).shape)
-    return shapes
-
-
 # ---------------------------------------------------------------------------------- public API
-def _select(path: Path, key: str) -> dict[str, np.ndarray]:
-    """The state dict under `key` of a torch checkpoint file (or of the one in folder `path`)."""
-    if path.is_dir():
-        files = [path / n for n in (HF_TORCH_NAME, ORIGINAL_NAME) if (path / n).is_file()]
-        if not files:
-            raise FileNotFoundError(
-                f"{path}: state_dict_key={key!r} needs a torch checkpoint in the folder "
-                f"({HF_TORCH_NAME} or {ORIGINAL_NAME}); it has none"
-            )
-        path = files[0]
-    return torch_zip.select_state_dict(torch_zip.read_torch_zip(path), key)[0]
-
-
 def save_pretrained(model: nnx.Module, directory: str | os.PathLike) -> Path:
     """Write a natjax checkpoint: `config.json` (natjax format) + `natjax_model.safetensors`.
 

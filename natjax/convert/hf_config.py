@@ -3,7 +3,8 @@
 `NatConfig` (natjax.models) is the architecture only; this module knows the Hugging Face file:
 which keys it may carry (`HF_IGNORED_KEYS`: bookkeeping and derived values, the derived ones
 checked for consistency), which `architectures` names map to which model kind, and how a
-`config.json` is read safely (`read_json_object`: bounded size and nesting, one ValueError).
+`config.json` is read safely (`natjax.models.json_file.read_json_object`: bounded size and
+nesting, one ValueError).
 
     config = from_hf_config("path/to/hf_folder")           # or a config.json path, or a dict
     data = to_hf_config(config, "classification")          # what transformers.AutoConfig reads
@@ -12,13 +13,12 @@ checked for consistency), which `architectures` names map to which model kind, a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
 from natjax.models.config import MODEL_TYPES, NatConfig, short_repr
+from natjax.models.json_file import read_json_object
 
 # Keys a Hugging Face NAT/DiNAT `config.json` may carry that do not change the network: derived
 # values (hidden_size, num_layers, stage_names, label2id, checked for consistency where derivable),
@@ -101,59 +101,6 @@ _HF_NAMES = {
     ("dinat" if name.startswith("Dinat") else "nat", kind): name
     for name, kind in HF_ARCHITECTURES.items()
 }
-
-
-# A config.json is a few KB (an ImageNet-22k id2label ~1 MB); anything far larger is not one.
-MAX_CONFIG_BYTES = 64 * 2**20
-# JSON nesting deeper than this is refused before Python's recursion limit is reached.
-MAX_JSON_DEPTH = 64
-
-
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """Reads a JSON object from a small UTF-8 file, every failure as one ValueError.
-
-    Args:
-      path: the file.
-
-    Returns:
-      The parsed dict.
-
-    Raises:
-      ValueError: file too large, not UTF-8, nested deeper than MAX_JSON_DEPTH, not JSON, or
-        not an object (the message says which; the caller adds the file name).
-    """
-    size = os.path.getsize(path)
-    if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes.")
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"not UTF-8 text (byte {err.start}).") from None
-    depth = _json_depth(text)
-    if depth > MAX_JSON_DEPTH:
-        raise ValueError(f"JSON nested {depth} levels deep (at most {MAX_JSON_DEPTH}).")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"not valid JSON ({err}).") from None
-    if not isinstance(data, dict):
-        raise ValueError("does not hold a JSON object.")
-    return data
-
-
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_BRACKETS = re.compile(r"[\[\]{}]")
-
-
-def _json_depth(text: str) -> int:
-    """Maximum bracket nesting outside strings (linear, no recursion)."""
-    depth = deepest = 0
-    for ch in _BRACKETS.findall(_JSON_STRING.sub("", text)):
-        depth += 1 if ch in "[{" else -1
-        deepest = max(deepest, depth)
-    return deepest
 
 
 def kind_from_hf_config(config: Mapping[str, Any]) -> str:

@@ -19,19 +19,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
 from natjax.convert import checkpoint as ckpt
-from natjax.convert import hub
-from natjax.convert.hf import hf_to_nnx, nnx_to_hf, strip_base_prefix
+from natjax.convert import hub, torch_zip
+from natjax.convert.hf import hf_to_nnx, key_table, nnx_to_hf, param_variables, strip_base_prefix
 from natjax.convert.original import mismatch_error
 from natjax.convert.original import original_to_hf as _original_to_hf
-from natjax.convert.weights import check_float_weights, read_weights
+from natjax.convert.weights import check_float_weights, read_sharded, read_weights
 from natjax.models import NatConfig
 from natjax.models.preprocessing import PreprocessConfig
 from natjax.models.pretrained import register_checkpoint_io
@@ -82,6 +84,52 @@ def locate(
 
 
 # ------------------------------------------------------------------------ 2. read_checkpoint
+def _find_weights(folder: Path) -> tuple[dict[str, np.ndarray], str]:
+    """Weights of a checkpoint folder and the file they came from."""
+    single = (
+        ckpt.NATJAX_WEIGHTS_NAME,
+        ckpt.HF_SAFETENSORS_NAME,
+        ckpt.HF_TORCH_NAME,
+        ckpt.ORIGINAL_NAME,
+    )
+    for name in single:
+        if (folder / name).is_file():
+            return read_weights(folder / name), name
+    if (folder / ckpt.HF_SAFETENSORS_INDEX).is_file():
+        return read_sharded(folder / ckpt.HF_SAFETENSORS_INDEX), ckpt.HF_SAFETENSORS_INDEX
+    found = sorted(p.name for p in folder.iterdir())[:10]
+    expected = ", ".join(single[:2] + (ckpt.HF_SAFETENSORS_INDEX,) + single[2:])
+    raise FileNotFoundError(
+        f"{folder}: no weights file; expected one of {expected} (folder holds {found})"
+    )
+
+
+def _select(path: Path, key: str) -> dict[str, np.ndarray]:
+    """The state dict under `key` of a torch checkpoint file (or of the one in folder `path`)."""
+    if path.is_dir():
+        files = [path / n for n in (ckpt.HF_TORCH_NAME, ckpt.ORIGINAL_NAME) if (path / n).is_file()]
+        if not files:
+            raise FileNotFoundError(
+                f"{path}: state_dict_key={key!r} needs a torch checkpoint in the folder "
+                f"({ckpt.HF_TORCH_NAME} or {ckpt.ORIGINAL_NAME}); it has none"
+            )
+        path = files[0]
+    return torch_zip.select_state_dict(torch_zip.read_torch_zip(path), key)[0]
+
+
+def _architecture_from_keys(keys, layout: str) -> str:
+    """The architecture a state dict's keys show (heads and final norms differ)."""
+    if layout == "original":
+        return "classification"
+    # First path component: "classifier.weight" (HF) and "classifier/kernel" (natjax) alike.
+    roots = {re.split(r"[./]", k, maxsplit=1)[0] for k in keys}
+    if "hidden_states_norms" in roots:
+        return "backbone"
+    if "classifier" in roots:
+        return "classification"
+    return "model"
+
+
 def read_checkpoint(
     path: Path, config: Any = None, state_dict_key: str | None = None
 ) -> Checkpoint:
@@ -92,9 +140,9 @@ def read_checkpoint(
                 raise FileNotFoundError(f"{path}: no {ckpt.CONFIG_NAME} (pass config=...)")
             config = path / ckpt.CONFIG_NAME
         if state_dict_key is None:
-            state, name = ckpt._find_weights(path)
+            state, name = _find_weights(path)
         else:
-            state, name = ckpt._select(path, state_dict_key), "weights"
+            state, name = _select(path, state_dict_key), "weights"
         source, folder = str(path / name), path
     else:
         sibling = path.parent / ckpt.CONFIG_NAME
@@ -105,11 +153,11 @@ def read_checkpoint(
                 f"{path} is a single weights file with no {ckpt.CONFIG_NAME} beside it: pass "
                 "config= (a NatConfig, a preset name or a config.json path)"
             )
-        state = ckpt._select(path, state_dict_key) if state_dict_key else read_weights(path)
+        state = _select(path, state_dict_key) if state_dict_key else read_weights(path)
         source, folder = str(path), path.parent
     config, file_arch = ckpt.resolve_config(config)
     layout = ckpt.detect_layout(state)
-    arch = file_arch or ckpt._architecture_from_keys(state, layout)
+    arch = file_arch or _architecture_from_keys(state, layout)
     if layout == "original" and arch != "classification":
         raise ValueError(f"{source}: original SHI-Labs checkpoints hold classification models")
     return Checkpoint(source, config, arch, state, layout, folder)
@@ -149,6 +197,20 @@ def hf_state(ckp: Checkpoint) -> dict[str, np.ndarray]:
         ckpt.load_nnx_flat_state(source, ckp.state, f"loading {ckp.source} (natjax layout)")
         return nnx_to_hf(source)
     return dict(ckp.state)
+
+
+def _hf_reference_shapes(model: nnx.Module) -> dict[str, tuple[int, ...]]:
+    """HF key -> shape the model needs, without materialising (works on abstract models)."""
+    params = param_variables(model)
+    shapes = {}
+    for entry in key_table(model):
+        # Zero-stride stand-ins: the hooks only transpose/stack, so shapes come out right.
+        views = [
+            np.broadcast_to(np.zeros((), np.float32), params[p].get_value().shape)
+            for p in entry.nnx_paths
+        ]
+        shapes[entry.hf_key] = tuple(entry.hook.to_hf(*views).shape)
+    return shapes
 
 
 def _align_prefix(model: nnx.Module, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -191,7 +253,7 @@ def adapt_state(
     """
     model_type = model.config.model_type
     state = _align_prefix(model, state)
-    reference = ckpt._hf_reference_shapes(model)
+    reference = _hf_reference_shapes(model)
     if new_head:
         state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
     missing = set(reference) - set(state)
@@ -279,7 +341,7 @@ def from_pretrained(
         model = ckpt.instantiate_architecture(config, architecture, abstract=True, **model_kwargs)
         what = f"loading {ckp.source} (natjax layout) into {type(model).__name__}"
         ckpt.load_nnx_flat_state(model, ckp.state, what)
-        ckpt._check_filled(model, what)
+        _check_filled(model, what)
         return _with_preprocessing(model, ckp)
     shell = ckpt.instantiate_architecture(config, architecture, abstract=True, **model_kwargs)
     what = f"loading {ckp.source} ({ckp.layout} layout) into {type(shell).__name__}"
@@ -294,8 +356,19 @@ def from_pretrained(
     # Fresh tensors need real initial values: only then is the model initialised concretely.
     model = ckpt.instantiate_architecture(config, architecture, **model_kwargs) if fresh else shell
     hf_to_nnx(model, state, strict=not fresh)
-    ckpt._check_filled(model, what)
+    _check_filled(model, what)
     return _with_preprocessing(model, ckp)
+
+
+def _check_filled(model: nnx.Module, what: str) -> None:
+    """Raises when a parameter of `model` is still abstract (a shape without a value)."""
+    abstract = [
+        "/".join(map(str, path))
+        for path, var in nnx.to_flat_state(nnx.state(model))
+        if isinstance(var.get_value(), jax.ShapeDtypeStruct)
+    ]
+    if abstract:
+        raise ValueError(f"{what}: weights left unset: {abstract[:5]} ({len(abstract)} in all)")
 
 
 def _with_preprocessing(model: nnx.Module, ckp: Checkpoint) -> nnx.Module:

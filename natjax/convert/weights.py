@@ -7,7 +7,6 @@ bool tensors before they would be cast silently into float parameters.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -19,28 +18,17 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file
 
 from natjax.convert import torch_zip
+from natjax.models.json_file import read_json_object
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
-# An index lists one entry per tensor (~100 bytes each): 64 MiB is far beyond any model.
-_MAX_INDEX_BYTES = 64 * 2**20
 
 
 def _read_index(path: Path) -> dict[str, Any]:
     """A sharded index's JSON object; one ValueError naming the file for anything malformed."""
-    size = path.stat().st_size
-    if size > _MAX_INDEX_BYTES:
-        raise ValueError(f"{path}: {size} bytes, more than {_MAX_INDEX_BYTES} for an index")
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: JSON nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+        return read_json_object(path)  # bounded size and nesting
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
 
 
 def read_weights(path: str | os.PathLike, *, max_bytes: int | None = None) -> dict[str, np.ndarray]:

@@ -18,7 +18,6 @@ becomes a 2-million-pixel-wide intermediate; files are refused before decoding a
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -27,6 +26,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from natjax.models.json_file import read_json_object
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -144,11 +145,9 @@ class PreprocessConfig:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+            data = read_json_object(path)  # bounded: a hostile folder gets one ValueError
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
         return cls.from_hf(data, str(path))
 
     def to_hf(self) -> dict[str, Any]:

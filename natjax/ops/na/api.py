@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import jax.numpy as jnp
 
+from natjax.ops.na.nonfinite import confine_nonfinite
 from natjax.ops.na.spec import NAParams, make_params
 
 # name -> (module, function). Imported lazily so that e.g. Pallas is only loaded when used.
@@ -95,7 +96,7 @@ def _neighborhood_attention(
         # Chosen per lowering platform (platform.py), never from the host's default backend.
         from natjax.ops.na.platform import na_default
 
-        out, lse = na_default(query, key, value, rpb, params)
+        out, lse = confine_nonfinite(na_default, query, key, value, rpb, params)
         return (out, lse) if return_lse else out
     if impl not in _BACKENDS:
         raise ValueError(
@@ -109,7 +110,8 @@ def _neighborhood_attention(
             reason = f"Pallas is unavailable in this installation ({err})"
         if reason is not None:
             raise ValueError(f"na{ndim}d: implementation='pallas' cannot run this call: {reason}")
-    out, lse = _backend(impl)(query, key, value, rpb, params)
+    # NaN/inf stay in the queries whose neighborhood holds them, as in NATTEN (nonfinite.py).
+    out, lse = confine_nonfinite(_backend(impl), query, key, value, rpb, params)
     return (out, lse) if return_lse else out
 
 

@@ -429,6 +429,7 @@ class _QueryTile:
     coords: list  # [nq] tile offsets per axis
     valid: object  # [nq] query exists
     flat: object  # [nq] flat index (0 where invalid)
+    table_base: object  # offset of this head's mask/bias table in the flat `[h * T]` operand
 
 
 def _query_tile(geo: Geometry, meta_ref) -> _QueryTile:
@@ -444,7 +445,8 @@ def _query_tile(geo: Geometry, meta_ref) -> _QueryTile:
         valid = ok if valid is None else valid & ok
         pos.append(_position(ax, g, p))
     flat = jnp.where(valid, _flat3(geo, *pos), 0)
-    return _QueryTile(groups, hs, cls, coords, valid, flat)
+    base = pl.program_id(1) * tab.table_len if geo.has_rpb else _i32(0)  # one shared table
+    return _QueryTile(groups, hs, cls, coords, valid, flat, base)
 
 
 def _row_codes(geo: Geometry, meta_ref, qt: _QueryTile, rz, ry, iz, iy):
@@ -486,7 +488,8 @@ def _step(geo: Geometry, meta_ref, t_ref, k_ref, v_ref, qt: _QueryTile, q, step,
     sel = jnp.zeros_like(qt.coords[2]) if o is None else o
     if ok is not None:
         sel = jnp.where(ok, sel, n_o)
-    row = ((qt.cls[2] * (n_o + 1) + sel) * ax_x.tile + qt.coords[2]) * geo.halo_x
+    # The head offset joins the per-query `[nq]` row index: per score, one add and one load.
+    row = ((qt.cls[2] * (n_o + 1) + sel) * ax_x.tile + qt.coords[2]) * geo.halo_x + qt.table_base
     bias = t_ref[row[:, None] + jj[None, :]]
     s = _dot(q, k, trans_b=True) * c + bias
     return s, k, v, (rz, ry)
@@ -659,7 +662,8 @@ def dkv_kernel(q_ref, k_ref, v_ref, *refs, geo: Geometry):
     c = geo.scale * LOG2E
     ax_ = geo.axes[2]
     if rpb_ref is not None:
-        k_term = (kpos[0] * ay.bins + kpos[1]) * ax_.bins + kpos[2]
+        # This head's bias in the flat `[h * R]` operand: its offset joins the per-key term.
+        k_term = (kpos[0] * ay.bins + kpos[1]) * ax_.bins + kpos[2] + pl.program_id(1) * geo.rpb_len
 
     def body(step, carry):
         dk, dv = carry
@@ -696,9 +700,12 @@ def dkv_kernel(q_ref, k_ref, v_ref, *refs, geo: Geometry):
             strides = (ay.bins * ax_.bins, ax_.bins, 1)
             q_term = sum(st * (a.kernel - 1 - p) for st, a, p in zip(strides, geo.axes, qpos,
                                                                      strict=True))  # fmt: skip
-            idx = jnp.where(mask, k_term[None, :] + q_term[:, None], 0)
-            s = s + rpb_ref[idx]
-        s = jnp.where(mask, s, NEG)
+            # A masked load: out-of-window scores get NEG (finite; s + NEG stays finite), so
+            # neither the index nor the score needs a select.
+            idx = k_term[None, :] + q_term[:, None]
+            s = s + plgpu.load(rpb_ref.at[idx], mask=mask, other=NEG)
+        else:
+            s = jnp.where(mask, s, NEG)
         p = jnp.exp2(s - lse2[:, None])  # [chunk, nk]
         dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
         dp = _dot(do, v, trans_b=True)

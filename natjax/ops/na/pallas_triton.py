@@ -1,33 +1,23 @@
 """Fused neighborhood attention in Pallas with the Triton lowering (GPU; interpret mode on CPU).
 
-Formulation (shared by 1-D, 2-D and 3-D: every call is padded to three spatial axes, the missing
-leading axes having size 1 and kernel 1):
+This module holds the `pallas_call`s, the layout, the custom VJP and the public entry points;
+the kernels and their static tables live in `pallas_kernels` (design: docs/pallas.md).
 
-* Inputs stay in the caller's `[B, *S, h, D]` layout, viewed as `[B, N, h, D]` (a free reshape);
-  each program reads its rows through computed flat indices (Triton pointer tensors), so there is
-  no transpose in HBM. The head dim is zero-padded to a power of two >= 16 when needed.
-* Dilation is exact: positions with equal `i % d` form a sub-map (NATTEN's dilation groups), and
-  tiles are boxes in *group* coordinates. Windows follow `spec.axis_windows` (shifted at borders,
-  causal = the `K` most recent), evaluated in-kernel from the program id.
-* Forward / dq kernels: grid `(B, h, groups x tiles)`. A tile's windows lie inside a halo
-  `[start(first), start(last) + K)` per axis (NATTEN windows are monotone in the query). The
-  kernel loops over the halo's rows (outer axes); each row is a power-of-two run of keys along
-  the last axis, scored with one matmul against the whole query tile, masked exactly (window,
-  group length, causal), biased with `rpb[(key - query) / d + K - 1]` loaded in-kernel, and folded
-  in with an online softmax in float32. `out` and `lse` are written once; attention weights never
-  reach HBM.
-* dk/dv kernel: grid over key tiles; it loops over the key tile's *inverse neighborhood* (the
-  queries whose windows can contain the tile, a contiguous range per axis, computed in-kernel)
-  in rows and power-of-two chunks, with the same exact mask.
-* d_rpb: the dq kernel reduces `ds` into bias bins per program (a one-hot matmul per key row) and
-  writes `[B, h, programs, bins]` partials, summed afterwards by XLA: no atomics, deterministic.
-
-Backward math (FlashAttention-2 style, from the saved `lse`): `p = exp(s - lse)`,
-`ds = p * (dO.V - delta + dlse)` with `delta = sum(dO * O)`; `dq = scale ds K`,
-`dk = scale ds^T Q`, `dv = p^T dO`. One `jax.custom_vjp` with residuals `q, k, v, rpb, out, lse`.
-
-The kernels themselves live in `pallas_kernels`; this module holds the `pallas_call`s, the
-layout, the custom VJP and the public entry points.
+* Layout: inputs stay in the caller's `[B, *S, h, D]` layout, viewed as `[B, N, h, D]` (a free
+  reshape); the head dim is zero-padded to a power of two >= 16 only when needed. Each program
+  reads its rows through computed flat indices (Triton pointer tensors): no transpose in HBM.
+* Grid `(tiles, heads, batch)` for all three kernels, the tile axis fastest. The per-head
+  mask/bias table of the query-tile kernels and the dk/dv kernel's bias are passed flat
+  (`[h * T]`, read whole) and indexed with the head's offset folded into per-query vectors.
+* Every kernel has its own tile (`NAPallasConfig`: forward, dq + d_rpb, dk/dv), chosen by
+  `pallas_tuning.default_config` and checked by the compile gate (`experiments/compile_gate.py`).
+* Backward (FlashAttention-2 style, from the saved `lse`): `ds = p * (dO.V - delta + dlse)` with
+  `delta = sum(dO * O)`; `dq = scale ds K`, `dk = scale ds^T Q`, `dv = p^T dO`; the d_rpb
+  partials of the dq kernel are summed over the batch and mapped to bias bins by XLA
+  (`drpb_from_partials`): no atomics, deterministic. One `jax.custom_vjp` with residuals
+  `q, k, v, rpb, out, lse`.
+* Interpret vs compiled is decided when lowering (`lax.platform_dependent`), so a CPU host can
+  compile the real Triton kernels for a GPU target.
 
 Sharding: each kernel op goes through `partition.batch_head_parallel` (`shard_map` on
 explicit-axes meshes, `custom_partitioning` otherwise, plus a `custom_vmap` rule), so under
@@ -131,25 +121,33 @@ def _table_operands(geo: Geometry, rpb_rows, heads: int):
     return table, meta
 
 
-def _table_specs(geo: Geometry):
+def _flat_spec(size: int):
+    """A 1-D operand read whole by every program. Per-head tables are passed flat (`[h * T]`)
+    and the kernel adds the head's offset to its `[rows]` index vectors: a per-head block would
+    add it to every score's index (Pallas lowers block offsets elementwise)."""
+    return pl.BlockSpec((size,), lambda p, h, b: (0,))
+
+
+def _table_specs(geo: Geometry, heads: int):
     tab = tables(geo)
-    return [_head_spec(tab.table_len, True), _head_spec(tab.meta.size, True)]
+    return [_flat_spec(heads * tab.table_len), _head_spec(tab.meta.size, True)]
 
 
 def _forward_call(geo: Geometry, q, k, v, table, meta):
     b, n, h, dp = q.shape
     out, lse = _call(
-        forward_kernel, geo, "na_pallas_fwd", [_x_spec(geo)] * 3 + _table_specs(geo),
+        forward_kernel, geo, "na_pallas_fwd", [_x_spec(geo)] * 3 + _table_specs(geo, h),
         [_x_spec(geo), _row_spec(geo)],
         [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h), jnp.float32)],
         (geo.programs, h, b),
-    )(q, k, v, table, meta)  # fmt: skip
+    )(q, k, v, table.reshape(-1), meta)  # fmt: skip
     return out, lse
 
 
 def _dq_call(geo: Geometry, q, k, v, table, meta, do, lse, di):
     b, n, h, dp = q.shape
-    specs = [_x_spec(geo)] * 3 + _table_specs(geo) + [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
+    specs = [_x_spec(geo)] * 3 + _table_specs(geo, h)
+    specs += [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
     out_specs = [_x_spec(geo)]
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if geo.has_rpb:
@@ -157,16 +155,16 @@ def _dq_call(geo: Geometry, q, k, v, table, meta, do, lse, di):
         out_specs.append(pl.BlockSpec((None, None, eo, ex), lambda p, h, b: (b, h, p, 0)))
         out_shapes.append(jax.ShapeDtypeStruct((b, h, geo.programs * eo, ex), jnp.float32))
     res = _call(dq_kernel, geo, "na_pallas_dq", specs, out_specs, out_shapes,
-                (geo.programs, h, b))(q, k, v, table, meta, do, lse, di)  # fmt: skip
+                (geo.programs, h, b))(q, k, v, table.reshape(-1), meta, do, lse, di)  # fmt: skip
     return res[0], (res[1] if geo.has_rpb else None)
 
 
 def _dkv_call(geo: Geometry, q, k, v, rpb_rows, do, lse, di):
     b, n, h, dp = q.shape
-    base = [_x_spec(geo)] * 3 + ([_head_spec(geo.rpb_len, True)] if geo.has_rpb else [])
+    base = [_x_spec(geo)] * 3 + ([_flat_spec(h * geo.rpb_len)] if geo.has_rpb else [])
     specs = base + [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
     # The dk/dv kernel reads the bias directly, pre-scaled to log2 units.
-    rpb2 = (rpb_rows.astype(jnp.float32) * LOG2E,) if geo.has_rpb else ()
+    rpb2 = (rpb_rows.astype(jnp.float32).reshape(-1) * LOG2E,) if geo.has_rpb else ()
     args = (q, k, v) + rpb2 + (do, lse, di)
     dk, dv = _call(
         dkv_kernel, geo, "na_pallas_dkv", specs, [_x_spec(geo)] * 2,

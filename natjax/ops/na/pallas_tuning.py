@@ -111,7 +111,8 @@ def default_config(params: NAParams, head_dim: int, dtype, has_rpb: bool = True)
       two operations per score;
     * dq with a bias: `Tz * Ty = 16` query rows (the d_rpb matmul contracts over them) and a
       narrow `Tx = 4` (16-key rows for every kernel size up to 13);
-    * dk/dv: the forward's tile, halved in x for float32 (IEEE float32 dots hold more registers).
+    * dk/dv: the forward's tile, halved in x for float32 (IEEE float32 dots hold more registers)
+      and at most 32 keys at head_dim 128 (two resident blocks per SM).
 
     Args:
       params: the call's window arguments.
@@ -145,5 +146,8 @@ def default_config(params: NAParams, head_dim: int, dtype, has_rpb: bool = True)
     # dk/dv: fewer queries per step for float32 (IEEE dots) and head_dim 128.
     if f32 and wide:  # IEEE float32 dots at head_dim 128: the smallest dk/dv steps
         dkv = {1: (16,), 2: (2, 8), 3: (1, 2, 8)}[params.ndim]
+    elif wide:  # head_dim 128, 8 warps: <= 32 keys keep dk/dv ([keys, 128] f32 each) and the
+        # tiles within 128 registers, so two blocks stay resident per SM (compile gate)
+        dkv = {1: (16,), 2: (4, 8), 3: (1, 4, 8)}[params.ndim]
     kps = (16 if wide else 32) if f32 else (32 if wide else 64)
     return NAPallasConfig(fwd=make(fwd), dq=make(dq), dkv=make(dkv, kps, 1))

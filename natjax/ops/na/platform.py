@@ -88,6 +88,15 @@ def _forward(static, q, k, v, rpb):
     )  # fmt: skip
 
 
+def _primal(static, q, k, v, rpb):
+    params, tiles = static
+    return jax.lax.platform_dependent(
+        q, k, v, rpb,
+        cpu=lambda *a: band._forward(params, *a),
+        default=lambda *a: xla_tiled._primal((params, tiles), *a),
+    )  # fmt: skip
+
+
 def _backward(static, res, cts):
     params, tiles = static
     return jax.lax.platform_dependent(
@@ -97,7 +106,7 @@ def _backward(static, res, cts):
     )  # fmt: skip
 
 
-_na = na_custom_vjp(_forward, _backward)
+_na = na_custom_vjp(_forward, _backward, primal=_primal)
 
 
 def _tiles(q, params: NAParams) -> tuple[int, ...]:

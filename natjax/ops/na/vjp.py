@@ -19,11 +19,14 @@ Forward = Callable[..., tuple[jax.Array, jax.Array]]
 Backward = Callable[..., tuple]
 
 
-def na_custom_vjp(forward: Forward, backward: Backward) -> Callable:
+def na_custom_vjp(forward: Forward, backward: Backward, primal: Forward | None = None) -> Callable:
     """Builds `op(static, q, k, v, rpb) -> (out, lse)` with the shared residual contract.
 
     Args:
-      forward: `forward(static, q, k, v, rpb) -> (out, lse)`.
+      forward: `forward(static, q, k, v, rpb) -> (out, lse)`, the forward of differentiated calls
+        (its `out` and `lse` are the residuals).
+      primal: optionally a forward used when the call is not differentiated (inference), with the
+        same results up to rounding; e.g. one that XLA fuses better when `lse` is not needed.
       backward: `backward(static, (q, k, v, rpb, out, lse), (d_out, d_lse))` returning
         `(dq, dk, dv, drpb)`; `d_lse` is the cotangent of the returned log-sum-exp (zeros when
         only `out` is used).
@@ -34,7 +37,7 @@ def na_custom_vjp(forward: Forward, backward: Backward) -> Callable:
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
     def op(static, q, k, v, rpb):
-        return forward(static, q, k, v, rpb)
+        return (primal or forward)(static, q, k, v, rpb)
 
     def op_fwd(static, q, k, v, rpb):
         out, lse = forward(static, q, k, v, rpb)

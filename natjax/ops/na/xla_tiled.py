@@ -110,12 +110,43 @@ def _halo(x, t: Tiling):
     return x.reshape(b, -1, h, d)[:, t.halo_index]
 
 
+@functools.lru_cache(maxsize=256)
+def _key_slots(t: Tiling) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inverse of the halo gather: for every key position, the halo slots that hold it.
+
+    Returns `(tile [N, M], slot [N, M], weight [N, M])`: key `n` is halo row `slot[n, m]` of flat
+    tile `tile[n, m]` (over `G * nT`) for `weight[n, m] == 1`; unused entries have weight 0.
+    Slots no query of their tile attends (masked for the whole tile, e.g. clamped padding rows)
+    are left out: their gradient rows are zero.
+    """
+    used = t.mask.any(axis=1)[t.tile_class.reshape(-1)]  # [G * nT, Hk]
+    pos = t.halo_index.reshape(-1)
+    slots = np.nonzero(used.reshape(-1))[0]
+    n = math.prod(t.spatial)
+    order = slots[np.argsort(pos[slots], kind="stable")]
+    counts = np.bincount(pos[slots], minlength=n)
+    width = max(int(counts.max()), 1)
+    rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    flat = np.zeros((n, width), np.int64)
+    weight = np.zeros((n, width), np.float32)
+    flat[pos[order], rank] = order
+    weight[pos[order], rank] = 1.0
+    hk = t.halo_volume
+    return (flat // hk).astype(np.int32), (flat % hk).astype(np.int32), weight
+
+
 def _unhalo(xh, t: Tiling, spatial, dtype):
-    """Transpose of `_halo`: scatter-adds halo rows back to their key positions."""
-    b, h, d = xh.shape[0], xh.shape[-2], xh.shape[-1]
-    n = math.prod(spatial)
-    flat = xh.reshape(b, -1, h, d)
-    out = jnp.zeros((b, n, h, d), xh.dtype).at[:, t.halo_index.reshape(-1)].add(flat)
+    """Transpose of `_halo` on the matmul layout `[B, G, nT, h, Hk, D]` -> `[B, *S, h, D]`.
+
+    A gather-sum (each key reads the few halo slots that hold it) instead of a scatter-add: XLA
+    fuses it with the cast into one pass over the halo gradients, reading them in the layout the
+    matmul wrote (no transpose, no float32 `[B, N, h, D]` accumulator in memory).
+    """
+    b, h, d = xh.shape[0], xh.shape[3], xh.shape[-1]
+    tile, slot, weight = _key_slots(t)
+    flat = xh.reshape(b, -1, h, t.halo_volume, d)
+    rows = flat[:, tile, :, slot, :]  # [N, M, B, h, D]
+    out = jnp.einsum("nmbhd,nm->bnhd", rows, weight.astype(xh.dtype))
     return out.reshape((b, *spatial, h, d)).astype(dtype)
 
 
@@ -134,25 +165,36 @@ def _unrows(x, t: Tiling):
     return t.from_tiles(jnp.swapaxes(x, -1, -2))
 
 
-def _forward_core(params: NAParams, t: Tiling, q, k, v, rpb):
-    """Forward on `[B, *S, h, D]` inputs: `(out, lse [B, *S, h])`."""
+def _forward_core(params: NAParams, t: Tiling, q, k, v, rpb, training: bool = True):
+    """Forward on `[B, *S, h, D]` inputs: `(out, lse [B, *S, h])`.
+
+    Two normalisations with equal results up to rounding, chosen for what XLA fuses (measured
+    by `experiments/hbm_aot.py` on the H100 target): for training (`lse` is a residual) the
+    unnormalised probabilities are rounded to the input dtype, summed in float32 from that copy
+    and the `[Tq, D]` result divided (the scores are read twice); for inference the normalised
+    probabilities come out of one fused softmax pass over the scores.
+    """
     tables = _Tables(t)
     acc = _acc_dtype(q.dtype)
     qt, kh, vh = t.to_tiles(q), _halo(k, t), _halo(v, t)
     s = _scores(qt, kh, tables.bias_mask(rpb, q.shape[-2], acc), params.scale, acc)
     m = jnp.max(s, axis=-1, keepdims=True)
     e = jnp.exp(s - m)
-    denom = jnp.sum(e, axis=-1, keepdims=True)
-    # Unnormalised probabilities in the input dtype feed the matmul; dividing the [Tq, D] result
-    # is cheaper than dividing [Tq, Hk] probabilities.
-    o = jnp.einsum("bgthqk,bgtkhd->bgtqhd", e.astype(q.dtype), vh, preferred_element_type=acc)
-    o = o / jnp.swapaxes(denom[..., 0], -1, -2)[..., None]
+    if training:
+        e_in = e.astype(q.dtype)
+        denom = jnp.sum(e_in.astype(acc), axis=-1, keepdims=True)
+        o = jnp.einsum("bgthqk,bgtkhd->bgtqhd", e_in, vh, preferred_element_type=acc)
+        o = o / jnp.swapaxes(denom[..., 0], -1, -2)[..., None]
+    else:
+        denom = jnp.sum(e, axis=-1, keepdims=True)
+        p = (e / denom).astype(q.dtype)
+        o = jnp.einsum("bgthqk,bgtkhd->bgtqhd", p, vh, preferred_element_type=acc)
     lse = (m + jnp.log(denom))[..., 0]
     return t.from_tiles(o.astype(q.dtype)), _unrows(lse, t)
 
 
 def _backward_core(params: NAParams, t: Tiling, q, k, v, rpb, out, lse, d_out, d_lse):
-    """Backward on `[B, *S, h, D]`: `(dq, dk, dv, per-batch d_rpb [B, h, 1, R] or None)`."""
+    """Backward on `[B, *S, h, D]`: `(dq, dk, dv, d_rpb partial [1, h, 1, R] or None)`."""
     tables = _Tables(t)
     acc = _acc_dtype(q.dtype)
     dt = q.dtype
@@ -171,26 +213,27 @@ def _backward_core(params: NAParams, t: Tiling, q, k, v, rpb, out, lse, d_out, d
     ds = p * (dp - shift[..., None])
     ds_in = ds.astype(dt)
     dq = jnp.einsum("bgthqk,bgtkhd->bgtqhd", ds_in, kh, preferred_element_type=acc)
-    dkh = jnp.einsum("bgthqk,bgtqhd->bgtkhd", ds_in, qt, preferred_element_type=acc)
-    dvh = jnp.einsum("bgthqk,bgtqhd->bgtkhd", p.astype(dt), dot, preferred_element_type=acc)
+    dkh = jnp.einsum("bgthqk,bgtqhd->bgthkd", ds_in, qt, preferred_element_type=acc)
+    dvh = jnp.einsum("bgthqk,bgtqhd->bgthkd", p.astype(dt), dot, preferred_element_type=acc)
     spatial = t.spatial
     dq = t.from_tiles((dq * params.scale).astype(dt))
     dk = _unhalo(dkh * params.scale, t, spatial, dt)
     dv = _unhalo(dvh, t, spatial, dt)
     if rpb is None:
         return dq, dk, dv, None
-    b, heads = q.shape[0], q.shape[-2]
-    # Per batch item (summed by the caller, an all-reduce when the batch is sharded): over the
-    # tiles of each class (a one-hot matmul over G * nT tiles), then into bias bins by the
-    # class table (masked entries have ds = 0).
-    per_tile = ds.reshape((b, t.groups * t.tiles, heads, -1))
+    heads = q.shape[-2]
+    # Summed over this call's batch (one partial; the caller sums partials, an all-reduce when
+    # the batch is sharded) in the pass that forms `ds`, then over the tiles of each class (a
+    # one-hot matmul over G * nT tiles), then into bias bins by the class table (masked entries
+    # have ds = 0). Reducing the batch first keeps the float32 `ds` out of memory.
+    per_tile = jnp.sum(ds, axis=0).reshape((t.groups * t.tiles, heads, -1))
     onehot = (t.tile_class.reshape(-1)[:, None] == np.arange(t.n_classes)).astype(acc)
-    per_class = jnp.einsum("bnhx,nc->cxbh", per_tile, onehot)  # [C, Tq * Hk, b, h]
+    per_class = jnp.einsum("nhx,nc->cxh", per_tile, onehot)  # [C, Tq * Hk, h]
     bins = math.prod(params.rpb_shape_tail)
     drpb = jax.ops.segment_sum(
-        per_class.reshape((-1, b, heads)), t.rpb_index.reshape(-1), num_segments=bins
-    )  # [R, b, h]
-    return dq, dk, dv, jnp.transpose(drpb, (1, 2, 0))[:, :, None, :]
+        per_class.reshape((-1, heads)), t.rpb_index.reshape(-1), num_segments=bins
+    )  # [R, h]
+    return dq, dk, dv, jnp.transpose(drpb)[None, :, None, :]
 
 
 # Sharding: on GSPMD (auto) meshes these are plain XLA ops that the partitioner splits over batch
@@ -200,12 +243,11 @@ def _backward_core(params: NAParams, t: Tiling, q, k, v, rpb, out, lse, d_out, d
 
 
 def _rows_forward(static, q, k, v, rpb):
-    params, tiles, spatial, has_rpb = static
+    params, tiles, spatial, has_rpb, training = static
     t = tiling(spatial, params, tiles)
     shape = (q.shape[0], *spatial, *q.shape[2:])
-    out, lse = _forward_core(
-        params, t, q.reshape(shape), k.reshape(shape), v.reshape(shape), rpb if has_rpb else None
-    )
+    x = [a.reshape(shape) for a in (q, k, v)]
+    out, lse = _forward_core(params, t, *x, rpb if has_rpb else None, training)
     return out.reshape(q.shape), lse.reshape(q.shape[:-1])
 
 
@@ -219,7 +261,7 @@ def _rows_backward(static, q, k, v, rpb, out, lse, d_out, d_lse):
         params, t, *x[:3], rpb if has_rpb else None, x[3], rows[0], x[4], rows[1]
     )
     if drpb is None:  # one result structure; a [B, h, 1, 1] zero is free
-        drpb = jnp.zeros((q.shape[0], q.shape[2], 1, 1), jnp.float32)
+        drpb = jnp.zeros((1, q.shape[2], 1, 1), jnp.float32)
     return dq.reshape(q.shape), dk.reshape(q.shape), dv.reshape(q.shape), drpb
 
 
@@ -231,11 +273,11 @@ def _rpb_operand(rpb, heads: int):
     return jnp.zeros((heads, 1), jnp.float32) if rpb is None else rpb.reshape(heads, -1)
 
 
-def _forward(static, q, k, v, rpb):
+def _forward(static, q, k, v, rpb, training: bool = True):
     """Custom-VJP forward (also the accelerator half of `platform.na_xla`)."""
     params, tiles = static
     spatial = tuple(q.shape[1:-2])
-    op = functools.partial(_rows_forward, (params, tiles, spatial, rpb is not None))
+    op = functools.partial(_rows_forward, (params, tiles, spatial, rpb is not None, training))
     out, lse = explicit_batch_head_map(
         op, ("x", "x", "x", "rpb"), ("x", "row"),
         _as_rows(q), _as_rows(k), _as_rows(v), _rpb_operand(rpb, q.shape[-2]),
@@ -264,7 +306,12 @@ def _backward(static, res, cts):
     return dq, dk, dv, jnp.sum(drpb[:, :, 0], axis=0).reshape(rpb.shape).astype(rpb.dtype)
 
 
-_na = na_custom_vjp(_forward, _backward)
+def _primal(static, q, k, v, rpb):
+    """The forward of calls that are not differentiated (see `_forward_core`)."""
+    return _forward(static, q, k, v, rpb, training=False)
+
+
+_na = na_custom_vjp(_forward, _backward, primal=_primal)
 
 
 def unsupported_reason(shape, dtype, params: NAParams, has_rpb: bool) -> str | None:

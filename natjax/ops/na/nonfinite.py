@@ -1,0 +1,156 @@
+"""Confines NaN and inf inputs to the queries whose neighborhood holds them (NATTEN semantics).
+
+NATTEN <= 0.17 computes each query's attention over its own neighborhood only, so a non-finite
+entry can only reach the queries whose neighborhood contains it. The matmul-based backends here
+also multiply masked weights (exactly 0) with values outside the neighborhood, and ``0 * NaN``
+and ``0 * inf`` are NaN: without this module a NaN or inf in one value token turns whole tiles,
+bands or (dense) whole images NaN, and each backend spreads it differently.
+
+`confine_nonfinite` wraps any backend ``fn(q, k, v, rpb, params) -> (out, lse)`` (applied once, in
+`api.py`, so every backend gets it):
+
+  * the backend always runs on the inputs with every non-finite entry replaced by 0 (a `where`;
+    for finite inputs that is the input itself), outside any conditional;
+  * a fix-up then adds what NATTEN makes non-finite, computed in a ``lax.cond`` only when some
+    entry of `q`, `k` or `v` is non-finite (branch 1, under the name scope `CONFINED_SCOPE`,
+    which `experiments/hbm_aot.py` counts apart); for finite inputs branch 0 returns zeros. The
+    neighborhood sets come from `spec.axis_windows` (`in_neighborhood`), never from a second
+    attention call. Under `jax.vmap` the predicate is batched and the cond becomes a select:
+    the fix-up is then computed for every call. The rules:
+      - value channel `c` of query `i` is NaN if the neighborhood of `i` holds a NaN in channel
+        `c`, or both a +inf and a -inf; else +inf (-inf) if it holds a +inf (-inf). Exactly what
+        NATTEN's ``attn @ v`` gives while the weight of that token is > 0 (when it underflows to
+        exactly 0, NATTEN gives ``0 * inf = NaN`` where this gives the inf);
+      - a query token with a non-finite entry, and every query whose neighborhood holds a key
+        token with a non-finite entry, gets NaN in all channels and a NaN lse. NATTEN agrees
+        wherever such a logit is NaN or +inf (a NaN row; NATTEN's logsumexp is +inf for a +inf
+        logit); where a key's infinity makes the logit exactly -inf NATTEN drops that key and the
+        output stays finite, which this does not model.
+
+Gradients: the gradient of the same computation on the zero-substituted inputs, with the
+cotangent of every output (overwritten or not) passed on unchanged and the substitution treated
+as the identity. So every gradient is finite where `rpb` and the upstream
+cotangent are. For a non-finite value, `dv` equals NATTEN's everywhere (it is ``attn^T d_out``,
+which does not depend on `v`), and `dq`, `dk`, `drpb` equal NATTEN's wherever NATTEN's are
+finite; NATTEN's are NaN for the queries whose neighborhood holds the value, the keys those
+queries see and the bias offsets they use, where these are the zero-substituted gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from natjax.ops.na.spec import NAParams, axis_windows
+
+
+@jax.custom_jvp
+def _zero_nonfinite(x):
+    """`x` with NaN/inf entries replaced by 0; its derivative is taken to be the identity."""
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+
+
+@_zero_nonfinite.defjvp
+def _zero_nonfinite_jvp(primals, tangents):
+    # Identity: the cotangent of a substituted entry is kept (for v it is NATTEN's attn^T d_out).
+    return _zero_nonfinite(primals[0]), tangents[0]
+
+
+def in_neighborhood(flags, params: NAParams):
+    """For every query, whether its neighborhood holds a flagged token.
+
+    The neighborhood is the Cartesian product of the per-axis windows of `spec.axis_windows`
+    (that is how every backend and the dense reference build it), so the "any" is taken one
+    spatial axis at a time: along an axis every window is `K` positions `d` apart from its first
+    key `f` (which is `< 0` where a causal window runs off the start), so a dilated windowed max
+    over the axis padded by `(K - 1) d` in front, read at `f + (K - 1) d`, is the OR over the
+    window. Intermediates stay the size of `flags`.
+
+    Args:
+      flags: bool `[batch, *spatial, ...]`, True at the flagged key/value positions.
+      params: validated window arguments (one entry per spatial axis).
+
+    Returns:
+      bool, the shape of `flags`: True where a flagged token is in the query's neighborhood.
+    """
+    out = flags.astype(jnp.uint8)
+    for ax in range(params.ndim):
+        axis = 1 + ax
+        k, d = params.kernel_size[ax], params.dilation[ax]
+        win = axis_windows(out.shape[axis], k, d, params.is_causal[ax])
+        # First key of each window from any valid slot (every window holds its own query).
+        slot = np.argmax(win.valid, axis=1)
+        first = win.key[np.arange(len(slot)), slot] - slot * d
+        window = [1] * out.ndim
+        window[axis] = k
+        dilation = [1] * out.ndim
+        dilation[axis] = d
+        padding = [(0, 0)] * out.ndim
+        padding[axis] = ((k - 1) * d, 0)
+        windowed = jax.lax.reduce_window(
+            out, np.uint8(0), jax.lax.max, window, (1,) * out.ndim, padding,
+            window_dilation=dilation,
+        )  # fmt: skip
+        out = jnp.take(windowed, first + (k - 1) * d, axis=axis)
+    return out.astype(bool)
+
+
+# Name scope of the confined branch: experiments/hbm_aot.py recognises its kernels by this name in
+# the HLO metadata and leaves them out of the traffic of finite inputs (reported on their own).
+CONFINED_SCOPE = "natjax_nonfinite_confined"
+
+
+@jax.named_scope(CONFINED_SCOPE)
+def _fixes(params: NAParams, q, k, v, out_dtype, lse_dtype):
+    """What NATTEN's results add to the zero-substituted ones (module docstring): `(fix, lse_fix)`,
+    0 where the result is finite, else the inf/NaN that NATTEN gives there."""
+    nan_or_pos = jnp.isnan(v) | jnp.isposinf(v)
+    nan_or_neg = jnp.isnan(v) | jnp.isneginf(v)
+    bad_key = jnp.any(~jnp.isfinite(k), axis=-1)
+    # One neighborhood pass for all three flag sets: [batch, *spatial, heads, 2 * head_dim + 1].
+    seen = in_neighborhood(jnp.concatenate([nan_or_pos, nan_or_neg, bad_key[..., None]], -1),
+                           params)  # fmt: skip
+    d = v.shape[-1]
+    pos, neg = seen[..., :d], seen[..., d : 2 * d]
+    bad_row = seen[..., 2 * d] | jnp.any(~jnp.isfinite(q), axis=-1)
+    inf = jnp.asarray(jnp.inf, out_dtype)
+    fix = jnp.where(pos, inf, jnp.where(neg, -inf, jnp.zeros((), out_dtype)))
+    fix = jnp.where((pos & neg) | bad_row[..., None], jnp.asarray(jnp.nan, out_dtype), fix)
+    return fix, jnp.where(bad_row, jnp.nan, 0.0).astype(lse_dtype)
+
+
+def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
+    """Runs a backend with NATTEN's confinement of NaN/inf inputs.
+
+    The backend always runs on the zero-substituted inputs (a `where` that XLA fuses into the
+    first reads of the XLA backends; custom-call backends read a substituted copy). Only the
+    fix-up sits in a `lax.cond`, outside differentiation (`stop_gradient`): for finite inputs it
+    costs the finiteness check of `q`, `k`, `v` and one zero `[batch, *spatial, heads, head_dim]`
+    array; the attention itself is not inside a conditional, so XLA still shares work between
+    the forward and the backward (measured with `experiments/hbm_aot.py`).
+
+    Args:
+      fn: the backend, `fn(q, k, v, rpb, params) -> (out, lse)`.
+      q, k, v: `[batch, *spatial, heads, head_dim]`.
+      rpb: `[heads, *(2K-1)]` or None (not checked: a non-finite bias is the caller's).
+      params: validated window arguments.
+
+    Returns:
+      `(out, lse)` as `fn` returns them; identical to `fn` when all of `q`, `k`, `v` are finite.
+    """
+    out, lse = fn(_zero_nonfinite(q), _zero_nonfinite(k), _zero_nonfinite(v), rpb, params)
+    nonfinite = ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)) & jnp.all(jnp.isfinite(v)))
+    sg = jax.lax.stop_gradient
+    # Branch 1 (True) computes the fix-up (named CONFINED_SCOPE); branch 0 adds nothing.
+    fix, lse_fix = jax.lax.cond(
+        nonfinite,
+        lambda q, k, v: _fixes(params, q, k, v, out.dtype, lse.dtype),
+        lambda q, k, v: (jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)),
+        sg(q), sg(k), sg(v),
+    )  # fmt: skip
+    # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); the cotangent
+    # of every output passes to the zero-substituted computation unchanged.
+    return out + fix, lse + lse_fix
