@@ -12,7 +12,7 @@ FFI_SOURCES := ffi/pyproject.toml ffi/CMakeLists.txt $(wildcard ffi/csrc/*/*.h f
 $(STAMP): pyproject.toml $(FFI_SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[train,test]'
 	$(PY) -m pip install -q 'scikit-build-core>=0.10'
 	$(PY) -m pip install -q --no-build-isolation ./ffi
 	touch $(STAMP)

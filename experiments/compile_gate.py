@@ -116,7 +116,8 @@ def lower_case(case: gate_cases.GateCase, sharding, ignore_refusals: bool):
             from natjax.ops.na import pallas_triton
 
             return pallas_triton.na_pallas(q, k, v, rpb, params, check=False)
-        return fn(q, k, v, case.kernel, case.dilation, case.causal, rpb=rpb, return_lse=True,
+        return fn(q, k, v, case.kernel, dilation=case.dilation, is_causal=case.causal, rpb=rpb,
+                  return_lse=True,
                   implementation="pallas")  # fmt: skip
 
     def loss(q, k, v, rpb):

@@ -18,8 +18,8 @@ runs it and puts the numbers in docs/pallas.md):
    reused) in images/s.
 
 `--dry-run` runs the same code on tiny shapes on any backend (CPU: Pallas in interpret mode)
-and only collects the tests, so the script is checked without a GPU
-(`tests/test_na_pallas.py::test_gpu_check_dry_run`).
+and only collects the tests, so the script can be tried without a GPU; its op benchmark runs on
+CPU in `tests/test_na_pallas.py::test_gpu_check_runs_on_tiny_shapes`.
 
     python experiments/gpu_check.py --out experiments/results/gpu_check.json
     python experiments/gpu_check.py --dry-run --out /tmp/gpu_check.json
@@ -95,7 +95,9 @@ def _attention(impl, case):
     na = {1: natjax.na1d, 2: natjax.na2d, 3: natjax.na3d}[ndim]
     n = math.prod(spatial)
     if impl in ("pallas", "xla"):
-        return lambda q, k, v, rpb: na(q, k, v, kernel, dilation, rpb=rpb, implementation=impl)
+        return lambda q, k, v, rpb: na(
+            q, k, v, kernel, dilation=dilation, rpb=rpb, implementation=impl
+        )
     mask = None
     if impl == "dense_masked":  # the spec's own [N, N] neighborhood mask
         params = make_params(ndim, spatial, head_dim, kernel, dilation, False, None)

@@ -136,7 +136,7 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, natjax_ckpt):
         (["predict", "--model", tmp_path / "no_model", image], "checkpoint not found"),
         (["predict", "--model", image, image, "--config", "nat_mini"], "not a readable"),
         (["convert", tmp_path / "nothing", tmp_path / "out"], "checkpoint not found"),
-        (["convert", lone, tmp_path / "o"], "pass config="),
+        (["convert", lone, tmp_path / "o"], "pass --config ("),  # the flag, not config=
         (["convert", garbage, tmp_path / "o", "--config", "nat_mini"], "not a readable"),
         (["convert", garbage_bin, tmp_path / "o", "--config", "nat_mini"], "not a zip"),
         (["export", natjax_ckpt, tmp_path / "o", "--config", "nat_giant"], "Unknown preset"),
@@ -149,3 +149,16 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys, natjax_ckpt):
     with pytest.raises(SystemExit) as info:
         main(["export", str(natjax_ckpt), str(tmp_path / "o"), "--format", "onnx"])
     assert info.value.code == 2
+
+
+def test_cli_errors_name_flags_not_python_keywords():
+    from natjax.cli import _flag_names, build_parser, cli_message
+
+    flags = _flag_names(build_parser(), "convert")
+    assert flags["state_dict_key"] == "--state-dict-key"
+    assert cli_message("pass config= (a preset) or state_dict_key='model'", flags) == (
+        "pass --config (a preset) or --state-dict-key 'model'"
+    )
+    # Dotted config keys (set with --set), unknown keywords and comparisons stay as they are.
+    same = "run.init_from='x': num_labels=3 differs; a==b"
+    assert cli_message(same, flags) == same

@@ -328,19 +328,60 @@ def test_mixup_cutmix_targets_are_distributions():
 
 
 def test_loss_decreases_and_outputs_written(reference_run):
+    """Progress is measured on the fixed 360 validation digits, before (the same seed's
+    initialisation, rebuilt here) and after the 12 steps: deterministic, unlike the loss of
+    single 16-image training batches. Those fluctuate by ~0.025 (std over the 12 steps) around
+    a trend of ~0.002 per step, so comparing the first and last three steps measured noise: its
+    0.05 -> 0.02 drop when the model build switched to InitKeys came from a different random
+    draw of the same initial distributions, not from slower learning. Measured (this CPU):
+    validation loss 2.288 -> 2.175, top-1 0.158 -> 0.250."""
+    from natjax.train import data as data_lib
+    from natjax.train import mesh as mesh_lib
+    from natjax.train.state import Trainer
+
     workdir, losses = reference_run
-    assert sorted(losses) == list(range(1, 13))
-    first = np.mean([losses[s] for s in (1, 2, 3)])
-    last = np.mean([losses[s] for s in (10, 11, 12)])
-    # The 12 tiny steps must make progress; the size of the drop depends on the initialisation
-    # (it shrank from > 0.05 to 0.02 when the model build changed), so only its sign is checked.
-    assert last < first, losses
+    assert sorted(losses) == list(range(1, 13)) and all(np.isfinite(list(losses.values())))
+    cfg = C.apply_overrides(load_config(None), TINY)
+    initial = Trainer(cfg, mesh_lib.make_mesh(cfg.mesh), 10, steps_per_epoch=89).evaluate(
+        data_lib.EvalLoader(data_lib.make_source(cfg.data, "validation"), cfg.data)
+    )
+    evals = [r for r in M.read_jsonl(workdir / "metrics.jsonl") if r["split"] == "eval"]
+    assert evals and evals[-1]["count"] == initial["count"] == 360
+    final = evals[-1]
+    # Half the measured drop: far above float rounding (~1e-6), far below what 12 steps give.
+    assert final["loss"] < initial["loss"] - 0.05, (initial, final)
+    assert final["top1"] > initial["top1"] + 0.03, (initial, final)
     assert (workdir / "curves.png").stat().st_size > 1000
     assert any((workdir / "tb").iterdir())
-    evals = [r for r in M.read_jsonl(workdir / "metrics.jsonl") if r["split"] == "eval"]
-    assert evals and evals[-1]["count"] == 360
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [8, 12]  # keep_checkpoints=2
+
+
+def test_run_leaves_a_deployable_model(reference_run, tmp_path, capsys):
+    """The workdir is a model folder: from_pretrained, `natjax predict` and `natjax export`."""
+    from PIL import Image
+
+    import natjax
+    from natjax.cli import main
+
+    workdir, _ = reference_run
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        assert (workdir / name).is_file(), name
+    model = natjax.from_pretrained(workdir)
+    assert model.config.num_labels == 10 and model.config.embed_dim == 16
+    assert model.config.id2label == tuple(str(i) for i in range(10))  # the dataset's classes
+    # The run's eval transform (the digits default: no crop margin, mean/std 0.5).
+    assert model.preprocessing == natjax.PreprocessConfig(
+        size=(16, 16), crop_pct=1.0, mean=(0.5,) * 3, std=(0.5,) * 3
+    )
+    image = tmp_path / "digit.png"
+    Image.fromarray(np.full((20, 24, 3), 200, np.uint8)).save(image)
+    assert main(["predict", "--model", str(workdir), str(image), "--top-k", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(image) and len(lines) == 4
+    assert all(re.fullmatch(r"  \d\. [01]\.\d{4}  (\d) \(\1\)", line) for line in lines[1:]), lines
+    assert main(["export", str(workdir), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
 
 
 def test_sigkill_then_resume_reproduces_losses(reference_run, tmp_path):
@@ -360,9 +401,9 @@ def test_sigkill_then_resume_reproduces_losses(reference_run, tmp_path):
 def test_eight_devices_match_one_sigterm_and_restore_onto_four(sgd_reference, tmp_path):
     # SIGTERM after step 5 of 8: saves step 5 and exits cleanly (one run, two properties).
     p = _train(tmp_path, *SGD, "mesh.data=4", "mesh.fsdp=2", devices=8, fault="term:5")
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.returncode == 143, p.stderr[-3000:]  # 128 + SIGTERM: `train && eval` stops
     assert "'data': 4, 'fsdp': 2" in p.stderr
-    assert "checkpoint saved at step 5" in p.stderr
+    assert "SIGTERM: checkpoint saved at step 5" in p.stderr and "Traceback" not in p.stderr
     p = _train(tmp_path, *SGD, "mesh.data=2", "mesh.fsdp=2", devices=4)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from checkpoint step 5" in p.stderr
@@ -483,7 +524,7 @@ def test_init_from_converted_checkpoint_keeps_trunk_and_fresh_head(tmp_path):
     from flax import nnx
 
     import natjax
-    from natjax.train import loop
+    from natjax.train import init_from
     from natjax.train import mesh as mesh_lib
     from natjax.train.state import Trainer, nat_config
 
@@ -494,7 +535,7 @@ def test_init_from_converted_checkpoint_keeps_trunk_and_fresh_head(tmp_path):
     trainer = Trainer(cfg, mesh_lib.make_mesh(cfg.mesh), 10, steps_per_epoch=10)
     before = jax.device_get(trainer.state["params"])
     messages = []
-    loop.load_pretrained_params(trainer, str(tmp_path / "pre"), messages.append)
+    init_from.load_pretrained_params(trainer, str(tmp_path / "pre"), messages.append)
     after = jax.device_get(trainer.state["params"])
     want = nnx.to_pure_dict(nnx.state(pre, nnx.Param))
     np.testing.assert_array_equal(
@@ -525,7 +566,7 @@ def test_eval_cli_on_converted_checkpoint(tmp_path, capsys):
     natjax.save_pretrained(
         natjax.NatForImageClassification(nat_config(cfg, 5), rngs=nnx.Rngs(0)), tmp_path / "m5"
     )
-    args = ["--dataset", "digits", "--split", "validation"]
+    args = ["--dataset", "digits", "--split", "validation", "--json"]
     assert main(["eval", "--model", str(tmp_path / "m10"), *args]) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["count"] == 360 and 0.0 <= out["top1"] <= out["top5"] <= 1.0
@@ -815,17 +856,17 @@ def test_torn_metrics_line_is_repaired(tmp_path):
 
 
 def test_second_run_in_one_workdir_is_refused(tmp_path):
-    from natjax.train.loop import _WorkdirLock
+    from natjax.train.workdir import WorkdirLock
 
-    first = _WorkdirLock(tmp_path)
+    first = WorkdirLock(tmp_path)
     try:
         with pytest.raises(
             ValueError, match=rf"in use by another natjax train \(pid {os.getpid()}"
         ):
-            _WorkdirLock(tmp_path)
+            WorkdirLock(tmp_path)
     finally:
         first.release()
-    _WorkdirLock(tmp_path).release()  # free again once the first run ended
+    WorkdirLock(tmp_path).release()  # free again once the first run ended
 
 
 def test_common_mistakes_get_one_line_errors(tmp_path, capsys):

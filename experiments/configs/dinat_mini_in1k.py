@@ -1,20 +1,16 @@
-"""DiNAT-Mini on ImageNet-1k from scratch with the paper recipe (see in1k_recipe.py).
+"""DiNAT-Mini on ImageNet-1k from scratch with the paper recipe (natjax/train/recipes/in1k.py).
 
-natjax train --config experiments/configs/dinat_mini_in1k.py --set data.data_dir=/data/tfds
+natjax train --config dinat_mini_in1k --set data.data_dir=/data/tfds     # the packaged recipe
+natjax train --config experiments/configs/dinat_mini_in1k.py              # this file (edit a copy)
 # smaller global batch (lr scales linearly): --set data.batch_size=256
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from in1k_recipe import DROP_PATH, in1k_config  # noqa: E402
-
-from natjax.train.config import TrainConfig  # noqa: E402
+from natjax.train import recipes
+from natjax.train.config import TrainConfig
 
 
 def get_config() -> TrainConfig:
-    """DiNAT-Mini, drop-path mini."""
-    return in1k_config("dinat_mini", DROP_PATH["mini"])
+    """The packaged dinat_mini_in1k recipe."""
+    return recipes.get_config("dinat_mini_in1k")

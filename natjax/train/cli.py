@@ -1,8 +1,10 @@
 """`natjax train` and `natjax eval`.
 
   natjax train                                   # offline default: small NAT on sklearn digits
-  natjax train --config experiments/configs/nat_tiny_in1k.py --set optim.lr=5e-4 \
+  natjax train --config nat_tiny_in1k --set optim.lr=5e-4 \
       --set data.batch_size=64 --workdir runs/nat_tiny
+  natjax train --config finetune --init-from shi-labs/nat-mini-in1k-224 \
+      --set data.dataset=folder:/data/pets --workdir runs/pets
   natjax eval --model runs/nat_tiny --dataset imagenet2012 --split validation
 
 Multi-host: pass --coordinator-address HOST:PORT --num-processes N --process-id I on every host
@@ -57,7 +59,11 @@ def init_distributed(args) -> None:
 def register(sub) -> None:
     """Adds `train` and `eval` to the natjax CLI."""
     p = sub.add_parser("train", help="train NAT/DiNAT (no arguments: offline digits default)")
-    p.add_argument("--config", help="experiment file defining get_config() (default: digits)")
+    p.add_argument(
+        "--config",
+        help="a shipped recipe by name (nat_tiny_in1k, finetune, digits, ...) or an experiment "
+        "file defining get_config() (default: digits)",
+    )
     p.add_argument(
         "--set",
         action="append",
@@ -76,15 +82,19 @@ def register(sub) -> None:
     e.add_argument("--dataset", help="dataset (default: the run's)")
     e.add_argument("--split", help="split (default: the run's eval split)")
     e.add_argument("--data-dir", help="tfds data_dir")
+    e.add_argument("--json", action="store_true", help="print the result as one JSON object")
     _add_distributed_flags(e)
     e.set_defaults(func=run_eval)
 
 
 def run_train(args) -> int:
-    from natjax.train.config import apply_overrides
-    from natjax.train.defaults import load_config
+    from natjax.train import require_training_extra
 
-    cfg = load_config(args.config)
+    require_training_extra()
+    from natjax.train import recipes
+    from natjax.train.config import apply_overrides
+
+    cfg = recipes.load(args.config)
     sets = list(args.set)
     if args.workdir:
         sets.append(f"run.workdir={args.workdir}")
@@ -94,23 +104,38 @@ def run_train(args) -> int:
         sets.append(f"run.max_steps={args.max_steps}")
     cfg = apply_overrides(cfg, sets)
     init_distributed(args)
+    from natjax.train.interrupt import exit_status
     from natjax.train.loop import train
 
     summary = train(cfg)
-    if summary["eval"]:
-        print(
-            f"natjax train: step {summary['step']}, eval top-1 {summary['eval']['top1']:.4f}, "
-            f"top-5 {summary['eval']['top5']:.4f}; outputs in {summary['workdir']}"
-        )
-    return 0
+    print(_summary_line(summary))
+    return exit_status(summary["interrupted"]) if summary["interrupted"] else 0
+
+
+def _summary_line(summary: dict) -> str:
+    """The final line: where the run stopped, its final evaluation, where the outputs are."""
+    ev = summary["eval"]
+    scores = ""
+    if ev:
+        scores = f", eval top-1 {ev['top1']:.4f}"
+        scores += f" top-5 {ev['top5']:.4f}" if "top5" in ev else ""
+        scores += f" loss {ev['loss']:.4f} ({ev['count']} images)"
+    stopped = " (interrupted)" if summary["interrupted"] else ""
+    return f"natjax train: step {summary['step']}{stopped}{scores}; outputs in {summary['workdir']}"
 
 
 def run_eval(args) -> int:
+    from natjax.train import require_training_extra
+
+    require_training_extra()
     init_distributed(args)
-    from natjax.train.loop import evaluate_run
+    from natjax.train.evaluate import evaluate_run, format_table
 
     out = evaluate_run(args.model, args.dataset, args.split, args.data_dir)
-    print(json.dumps(out))
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(format_table(out, f"natjax eval: {args.model}"))
     return 0
 
 
@@ -120,10 +145,17 @@ def run_default(workdir: str = "runs/digits") -> int:
     Returns:
       0 on success (eval top-1 printed).
     """
+    from natjax.train import require_training_extra
+
+    require_training_extra()
     from natjax.train.defaults import digits_config
+    from natjax.train.interrupt import exit_status
     from natjax.train.loop import train
 
     summary = train(digits_config(workdir))
+    if summary["interrupted"]:
+        print(_summary_line(summary))
+        return exit_status(summary["interrupted"])
     print(
         f"natjax: digits default done: step {summary['step']}, validation top-1 "
         f"{summary['eval'].get('top1', float('nan')):.4f}; curves at {summary['plot']}",

@@ -4,7 +4,8 @@ Sources are random-access (`len`, `source[i] -> (uint8 HWC image, int label)`):
   * `DigitsSource`: scikit-learn's bundled 8x8 handwritten digits (offline default);
   * `TfdsSource`: any tfds image-classification dataset through `tfds.data_source` (ArrayRecord,
     no TensorFlow at run time);
-  * `FolderSource`: `root/<split>/<class>/*.{jpg,png,...}` for users' own images.
+  * `FolderSource`: `root/<split>/<class>/*.{jpg,png,...}` for users' own images (or one
+    class-per-folder root, with a held-out validation share).
 
 `BatchLoader` makes batch `step` from (seed, step) alone: epoch = step // steps_per_epoch, the
 epoch's order is a permutation seeded by (seed, epoch), and every example gets its own
@@ -23,6 +24,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from natjax.models.preprocessing import open_image
 from natjax.train import augment
 from natjax.train.config import AugmentConfig, DataConfig
 
@@ -36,6 +38,7 @@ class DigitsSource:
     """
 
     num_classes = 10
+    classes = tuple(str(i) for i in range(10))
 
     def __init__(self, split: str, size: int = 32) -> None:
         from sklearn.datasets import load_digits
@@ -85,6 +88,8 @@ class TfdsSource:
         if label is None or not hasattr(label, "num_classes"):
             raise ValueError(f"data.dataset={name!r} has no ClassLabel 'label' feature.")
         self.num_classes = int(label.num_classes)
+        names = list(getattr(label, "names", None) or [])
+        self.classes = tuple(names) if len(names) == self.num_classes else None
         try:
             # download=False: never fetch data at training time; prepare it beforehand.
             self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
@@ -103,8 +108,28 @@ class TfdsSource:
         return np.asarray(rec["image"]), int(rec["label"])
 
 
+# Folder datasets without a validation/ folder hold out this fraction of every class.
+HELD_OUT_FRACTION = 0.1
+
+
+def _held_out(files: list[Path], name: str, keep: bool) -> list[Path]:
+    """The validation share of one class's files (`keep`), or the rest (train)."""
+    n_val = max(1, round(HELD_OUT_FRACTION * len(files))) if len(files) >= 2 else 0
+    seed = int.from_bytes(name.encode()[:16].ljust(16, b"\0"), "little")
+    order = np.random.default_rng((20240, seed)).permutation(len(files))
+    chosen = set(order[:n_val].tolist())
+    return [f for i, f in enumerate(files) if (i in chosen) == keep]
+
+
 class FolderSource:
-    """`root/<split>/<class name>/<image>`; classes are the sorted sub-folder names.
+    """Your own images, one sub-folder per class; classes are the sorted sub-folder names.
+
+    Layouts, in this order:
+      * `root/<split>/<class>/<image>` (e.g. `train/` and `validation/`), used as they are;
+      * `root/train/<class>/...` without the requested split, or `root/<class>/...` alone: a
+        fixed `HELD_OUT_FRACTION` of each class (at least one image of classes with two or
+        more) is the "validation" split and the rest "train" (chosen by a seeded permutation
+        independent of the run's seed, so every run and resume sees the same split).
 
     Unreadable images (truncated, corrupt, empty, not really images) never stop a run: each is
     reported once by name with a warning and replaced by the next readable image of the
@@ -113,41 +138,55 @@ class FolderSource:
     """
 
     def __init__(self, root: str, split: str) -> None:
-        base = Path(root) / split
-        if not base.is_dir():
-            raise FileNotFoundError(f"data.dataset='folder:{root}': no folder {str(base)!r}.")
+        self.root = root
+        base, held_out = self._layout(Path(root), split)
+        where = f"data.dataset='folder:{root}'"
         self.classes = sorted(p.name for p in base.iterdir() if p.is_dir())
         if not self.classes:
-            raise ValueError(f"data.dataset='folder:{root}': {str(base)!r} has no class folders.")
+            raise ValueError(f"{where}: {str(base)!r} has no class folders.")
         self.num_classes = len(self.classes)
-        found = [
-            (f, c)
-            for c, name in enumerate(self.classes)
-            for f in sorted((base / name).iterdir())
-            if f.suffix.lower() in _IMAGE_SUFFIXES
-        ]
+        found = []
+        for c, name in enumerate(self.classes):
+            files = [
+                f for f in sorted((base / name).iterdir()) if f.suffix.lower() in _IMAGE_SUFFIXES
+            ]
+            if held_out:
+                files = _held_out(files, name, keep=split != "train")
+            found += [(f, c) for f in files]
         self.items = [(str(f), c) for f, c in found if f.stat().st_size > 0]
         self.skipped: dict[str, str] = {
             str(f): "empty file" for f, _ in found if f.stat().st_size == 0
         }
         if self.skipped:
             warnings.warn(
-                f"data.dataset='folder:{root}': skipping {len(self.skipped)} empty image "
+                f"{where}: skipping {len(self.skipped)} empty image "
                 f"file(s) in {split}/, e.g. {next(iter(self.skipped))}.",
                 stacklevel=2,
             )
         if not self.items:
-            raise ValueError(f"data.dataset='folder:{root}': no images under {str(base)!r}.")
-        self.root = root
+            raise ValueError(f"{where}: no {split} images under {str(base)!r}.")
+
+    @staticmethod
+    def _layout(root: Path, split: str) -> tuple[Path, bool]:
+        """(folder holding the class folders, whether `split` is carved out of it)."""
+        where = f"data.dataset='folder:{root}'"
+        if (root / split).is_dir():
+            return root / split, False
+        if split not in ("train", "validation"):
+            raise FileNotFoundError(f"{where}: no folder {str(root / split)!r}.")
+        if (root / "train").is_dir():
+            return root / "train", True
+        if not root.is_dir():
+            raise FileNotFoundError(f"{where}: no folder {str(root)!r}.")
+        return root, True
 
     def __len__(self) -> int:
         return len(self.items)
 
     def _read(self, i: int) -> np.ndarray:
-        from PIL import Image
-
-        with Image.open(self.items[i][0]) as im:
-            return np.asarray(im.convert("RGB"))
+        # The decoder `natjax predict` uses: RGB, and images above its pixel cap are refused
+        # before decoding (a 100-byte PNG can declare gigabytes of pixels).
+        return np.asarray(open_image(self.items[i][0]))
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, int]:
         for offset in range(len(self.items)):

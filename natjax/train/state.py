@@ -34,8 +34,14 @@ _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.floa
 NO_DECAY_KEYS = ("rpb", "relative_position_bias", "norm", "bias", "layernorm", "layer_scale")
 
 
-def nat_config(cfg: TrainConfig, num_labels: int):
-    """The NatConfig: the preset, the overrides, the augment-independent drop-path, num_labels."""
+def nat_config(cfg: TrainConfig, num_labels: int, class_names=None):
+    """The NatConfig: the preset, then `model.overrides`, `num_labels` and the class names.
+
+    Args:
+      cfg: the run's config.
+      num_labels: classifier outputs (the dataset's class count).
+      class_names: the classes in label order (None: unnamed), carried into the saved model.
+    """
     from natjax import models
 
     try:
@@ -54,18 +60,19 @@ def nat_config(cfg: TrainConfig, num_labels: int):
         changes.setdefault("out_features", None)
         changes.setdefault("out_indices", None)
     try:
-        return dataclasses.replace(base, **changes, num_labels=num_labels, id2label=None)
+        names = tuple(class_names) if class_names is not None else None
+        return dataclasses.replace(base, **changes, num_labels=num_labels, id2label=names)
     except ValueError as err:
         raise ValueError(f"model.overrides: {err}") from None
 
 
-def build_model(cfg: TrainConfig, num_labels: int, seed: int) -> nnx.Module:
-    """Builds the classifier with float32 parameters and `cfg.model.dtype` compute."""
+def new_classifier(cfg: TrainConfig, num_labels: int, seed: int, class_names=None) -> nnx.Module:
+    """A freshly initialised classifier: float32 parameters, `cfg.model.dtype` compute."""
     rngs = nnx.Rngs(params=seed, dropout=jax.random.fold_in(jax.random.key(seed), 1))
     from natjax import models
 
     return models.NatForImageClassification(
-        nat_config(cfg, num_labels),
+        nat_config(cfg, num_labels, class_names),
         rngs=rngs,
         dtype=_DTYPES[cfg.model.dtype],
         param_dtype=jnp.float32,
@@ -300,20 +307,23 @@ class Trainer:
     shardings: dict | None = None
     schedule: optax.Schedule | None = None
     model: nnx.Module | None = None  # an existing model (e.g. from_pretrained) instead of cfg's
+    class_names: tuple[str, ...] | None = None  # the dataset's classes, kept in the model config
 
     def __post_init__(self) -> None:
         cfg, mesh = self.cfg, self.mesh
         rep = mesh_lib.replicated(mesh)
 
         def init_model():
-            model = build_model(cfg, self.num_labels, cfg.run.seed)
+            model = new_classifier(cfg, self.num_labels, cfg.run.seed, self.class_names)
             _, params, rest = nnx.split(model, nnx.Param, ...)
             return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
         # Shapes first (nothing allocated), then one jitted init that writes every parameter
         # straight into its shard: no host copy of the full model, identical on every process.
         if self.model is None:
-            abstract = nnx.eval_shape(lambda: build_model(cfg, self.num_labels, cfg.run.seed))
+            abstract = nnx.eval_shape(
+                lambda: new_classifier(cfg, self.num_labels, cfg.run.seed, self.class_names)
+            )
             self.graphdef, abs_params, abs_rest = nnx.split(abstract, nnx.Param, ...)
             param_sh = nnx.to_pure_dict(mesh_lib.state_shardings(abs_params, mesh))
             rest_sh = jax.tree.map(lambda _: rep, nnx.to_pure_dict(abs_rest))
@@ -389,7 +399,7 @@ class Trainer:
         return None if bad < 0 else bad
 
     def evaluate(self, loader, use_ema: bool = False) -> dict[str, float]:
-        """Top-1/top-5 accuracy and mean loss over an EvalLoader."""
+        """Top-1 accuracy, mean loss, image count and (more than 5 classes) top-5 accuracy."""
         params = (
             self.state["ema"] if use_ema and self.state["ema"] is not None else self.state["params"]
         )
@@ -399,9 +409,11 @@ class Trainer:
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         n = max(totals.get("count", 0.0), 1.0)
-        return {
+        out = {
             "loss": totals.get("loss", math.nan) / n,
             "top1": totals.get("top1", 0.0) / n,
-            "top5": totals.get("top5", 0.0) / n,
             "count": int(totals.get("count", 0)),
         }
+        if self.num_labels > 5:  # with 5 classes or fewer every label is in the top 5
+            out["top5"] = totals.get("top5", 0.0) / n
+        return out

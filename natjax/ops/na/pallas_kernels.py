@@ -21,8 +21,9 @@ that neighbouring tiles of one image run together and share their halos in L2):
   units.
 
 dk/dv kernel: one program per key tile, looping over the tile's inverse neighbourhood (the queries
-whose windows can contain it) in chunks, with the window mask evaluated in-kernel (two compares
-per real axis) and the bias read from `rpb * log2(e)` at a linear index (one add per score).
+whose windows can contain it) in chunks, with the window mask evaluated in-kernel (one subtract
+and one unsigned compare per real axis) and the bias read from `rpb * log2(e)` at a linear index
+(one add and a masked load per score).
 
 d_rpb: the dq kernel (tiles with Tz = 1, Ty >= 16) sums `ds` by outer-y bin with a one-hot
 matmul over the tile's y rows (`E[oy, (ix, j)]`, tensor cores, float32-exact via a bf16 hi/lo
@@ -688,8 +689,9 @@ def dkv_kernel(q_ref, k_ref, v_ref, *refs, geo: Geometry):
         for a, p, g, kp in zip(geo.axes, qpos, glen, kpos2, strict=True):
             if a.length == 1 and a.tile == 1:
                 continue
+            # 0 <= off < K as one unsigned compare (a negative offset wraps to >= 2**31).
             off = kp - _win_start(a, p, g)[:, None]
-            ok = (off >= 0) & (off < a.kernel)
+            ok = lax.bitcast_convert_type(off, jnp.uint32) < np.uint32(a.kernel)
             mask = ok if mask is None else mask & ok
         if mask is None:  # a one-position map
             mask = jnp.ones((rows * chunk, geo.tile_volume), bool)
