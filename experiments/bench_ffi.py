@@ -99,7 +99,7 @@ def _functions(impl: str, ndim: int, kernel: int, dilation: int):
     op = getattr(natjax, f"na{ndim}d")
 
     def fwd(q, k, v, rpb):
-        return op(q, k, v, kernel, dilation, rpb=rpb, implementation=impl)
+        return op(q, k, v, kernel, dilation=dilation, rpb=rpb, implementation=impl)
 
     def loss(q, k, v, rpb):
         return jnp.sum(fwd(q, k, v, rpb))

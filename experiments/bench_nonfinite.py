@@ -3,13 +3,13 @@
     python experiments/bench_nonfinite.py                          # xla, ffi; fwd and fwd+bwd
     python experiments/bench_nonfinite.py --impls xla,xla_tiled,reference --repeats 20
 
-For each implementation, the public call (`na2d(..., implementation=impl)`: the finiteness check
-on q, k, v and the `lax.cond` around the backend, both branches compiled) is compared with the
+For each implementation, the public call (`na2d(..., implementation=impl)`: the backend on the
+zero-substituted q, k, v, the finiteness check and the fix-up `lax.cond`) is compared with the
 bare backend (`api._backend(impl)(q, k, v, rpb, params)`, no check, no cond), measured in the same
 run: compile time, run time (median over `--repeats` after a warm-up, finite inputs, so the plain
 branch runs) and XLA's memory analysis (temporary bytes) of the compiled program, for the forward
 and for forward + backward (gradients of q, k, v and rpb). A third row times the public call on
-inputs with one NaN value token (the confined branch). Ratios are public / bare.
+inputs with one NaN value token (the fix-up branch). Ratios are public / bare.
 """
 
 from __future__ import annotations

@@ -95,7 +95,9 @@ def _attention(impl, case):
     na = {1: natjax.na1d, 2: natjax.na2d, 3: natjax.na3d}[ndim]
     n = math.prod(spatial)
     if impl in ("pallas", "xla"):
-        return lambda q, k, v, rpb: na(q, k, v, kernel, dilation, rpb=rpb, implementation=impl)
+        return lambda q, k, v, rpb: na(
+            q, k, v, kernel, dilation=dilation, rpb=rpb, implementation=impl
+        )
     mask = None
     if impl == "dense_masked":  # the spec's own [N, N] neighborhood mask
         params = make_params(ndim, spatial, head_dim, kernel, dilation, False, None)

@@ -251,14 +251,16 @@ def build(case: str, impl: str, program: str, mods, sharding, dtype):
     )
     na = getattr(api, f"na{ndim}d")
     if impl == "xla":
-        fn = lambda q, k, v, r: na(q, k, v, kernel, dilation, rpb=r, implementation="xla")
+        fn = lambda q, k, v, r: na(q, k, v, kernel, dilation=dilation, rpb=r, implementation="xla")
     elif impl == "band":
         band._cpu_chunk = lambda batch, per_item: None  # the one-pass program a GPU would run
         fn = lambda q, k, v, r: band.na_xla(q, k, v, r, params)[0]
     elif impl == "dense":
         fn = lambda q, k, v, r: reference.na_reference(q, k, v, r, params)[0]
     elif impl == "pallas":
-        reason = pallas_triton.unsupported_reason(x.shape, dtype, params, has_rpb)
+        reason = pallas_triton.unsupported_reason(
+            spec.NACall.for_query(x.shape, dtype, params, has_rpb)
+        )
         if reason:
             raise ValueError(f"pallas refuses: {reason}")
         fn = lambda q, k, v, r: pallas_triton.na_pallas(q, k, v, r, params, interpret=False)[0]

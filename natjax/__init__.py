@@ -12,7 +12,7 @@ from natjax.models import (
     list_presets,
 )
 from natjax.models.preprocessing import PreprocessConfig, preprocess
-from natjax.ops.na import na1d, na2d, na3d
+from natjax.ops.na import merge_attentions, na1d, na2d, na3d
 
 __version__ = "0.1.0"
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "from_pretrained",
     "get_config",
     "list_presets",
+    "merge_attentions",
     "na1d",
     "na2d",
     "na3d",

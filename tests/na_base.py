@@ -79,8 +79,9 @@ def loss_and_grads(impl, case, q, k, v, rpb, d_out, scale=None):
     fn = FUNCS[len(case["spatial"])]
 
     def loss(q, k, v, rpb):
-        out, lse = fn(q, k, v, case["kernel_size"], case["dilation"], case["is_causal"],
-                      rpb=rpb, scale=scale, return_lse=True, implementation=impl)  # fmt: skip
+        out, lse = fn(q, k, v, case["kernel_size"], dilation=case["dilation"],
+                      is_causal=case["is_causal"], rpb=rpb, scale=scale, return_lse=True,
+                      implementation=impl)  # fmt: skip
         return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), (out, lse)
 
     argnums = (0, 1, 2, 3) if rpb is not None else (0, 1, 2)
@@ -161,7 +162,7 @@ class NABackendTests:
         with jax.enable_x64(True):
             q, k, v, rpb, _ = make_inputs(case, jnp.float64)
             f = lambda q, k, v, rpb: natjax.na2d(
-                q, k, v, (3, 3), (2, 1), (False, True), rpb=rpb,
+                q, k, v, (3, 3), dilation=(2, 1), is_causal=(False, True), rpb=rpb,
                 implementation=self.implementation)  # fmt: skip
             check_grads(f, (q, k, v, rpb), order=1, modes=["rev"], atol=1e-6, rtol=1e-6)
 
@@ -173,8 +174,8 @@ class NABackendTests:
 
         def grads(impl):
             def loss(q, k, v, rpb):
-                out, lse = natjax.na2d(q, k, v, (3, 5), (2, 1), (True, False), rpb=rpb,
-                                       return_lse=True, implementation=impl)  # fmt: skip
+                out, lse = natjax.na2d(q, k, v, (3, 5), dilation=(2, 1), is_causal=(True, False),
+                                       rpb=rpb, return_lse=True, implementation=impl)  # fmt: skip
                 return jnp.sum(out * d_out) + jnp.sum(jnp.sin(lse))
 
             return jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, rpb)
@@ -188,9 +189,9 @@ class NABackendTests:
         case = dict(spatial=(6, 7), kernel_size=(3, 3), dilation=(1, 2), is_causal=(False, False),
                     rpb=True, batch=2, heads=2, head_dim=8, seed=2)  # fmt: skip
         q, k, v, rpb, _ = make_inputs(case)
-        f = lambda q, k, v: natjax.na2d(q, k, v, 3, (1, 2), rpb=rpb,
+        f = lambda q, k, v: natjax.na2d(q, k, v, 3, dilation=(1, 2), rpb=rpb,
                                         implementation=self.implementation)  # fmt: skip
-        want = natjax.na2d(q, k, v, 3, (1, 2), rpb=rpb, implementation="reference")
+        want = natjax.na2d(q, k, v, 3, dilation=(1, 2), rpb=rpb, implementation="reference")
         assert_close(jax.jit(f)(q, k, v), want, 2e-5, 2e-5, "jit")
         # vmap over a leading axis (an extra batch of the whole call).
         stacked = [jnp.stack([x, x[::-1]]) for x in (q, k, v)]
@@ -240,7 +241,7 @@ class NABackendTests:
             rpb = jnp.asarray(rng.standard_normal((4, 5, 5)), jnp.float32)
             impl = {self.implementation!r}
             def f(q, k, v, rpb):
-                return natjax.na2d(q, k, v, 3, (1, 2), (True, False), rpb=rpb,
+                return natjax.na2d(q, k, v, 3, dilation=(1, 2), is_causal=(True, False), rpb=rpb,
                                    implementation=impl)
             def loss(q, k, v, rpb):
                 return jnp.sum(f(q, k, v, rpb) ** 2)

@@ -11,6 +11,7 @@ import natjax
 from natjax.ops.na.spec import axis_windows
 
 Q2 = jnp.zeros((1, 8, 8, 2, 4), jnp.float32)
+Z = jnp.zeros
 
 
 def call(q=Q2, k=None, v=None, kernel_size=3, **kw):
@@ -22,8 +23,7 @@ def call(q=Q2, k=None, v=None, kernel_size=3, **kw):
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(kernel_size=4), r"kernel_size.*odd"),
-        (dict(kernel_size=0), r"kernel_size.*odd"),
+        (dict(kernel_size=0), r"kernel_size.*>= 1.*axis 0: 0"),
         (dict(kernel_size=(3, 3, 3)), r"kernel_size.*one entry per spatial axis \(2\)"),
         (dict(kernel_size=3.0), r"kernel_size"),
         (dict(kernel_size=True), r"kernel_size"),
@@ -40,7 +40,45 @@ def call(q=Q2, k=None, v=None, kernel_size=3, **kw):
         (dict(implementation="cuda"), r"unknown `implementation` 'cuda'.*'xla'"),
         (dict(q=jnp.zeros((1, 8, 2, 4))), r"query.*rank 5.*\(1, 8, 2, 4\)"),
         (dict(q=jnp.zeros((1, 8, 8, 2, 4), jnp.int32)), r"query.*float.*int32"),
-        (dict(k=jnp.zeros((1, 8, 7, 2, 4))), r"same shape"),
+        (dict(k=jnp.zeros((1, 8, 7, 2, 4))), r"same batch and spatial shape"),
+        (dict(k=jnp.zeros((1, 8, 8, 2, 5))), r"`key` must have the head_dim of `query` \(4\)"),
+        (dict(v=jnp.zeros((1, 8, 8, 1, 4))), r"same number of heads, got 2 and 1"),
+        (dict(stride=4), r"stride.*<= kernel_size.*axis 0: stride 4, kernel 3"),
+        (dict(stride=0), r"stride.*>= 1"),
+        (dict(stride=(1, 2, 1)), r"stride.*one entry per spatial axis \(2\)"),
+        (dict(stride=1.5), r"stride"),
+        (
+            dict(q=jnp.zeros((1, 8, 8, 3, 4)), k=Q2, v=Q2),
+            r"multiple of the key/value heads.*heads=3 and kv_heads=2",
+        ),
+        (dict(additional_keys=jnp.zeros((1, 2, 2, 4))), r"given together.*only `additional_keys`"),
+        (
+            dict(additional_values=jnp.zeros((1, 2, 2, 4))),
+            r"given together.*only `additional_values`",
+        ),
+        (
+            dict(additional_keys=Z((1, 2, 1, 4)), additional_values=Z((1, 2, 1, 4))),
+            r"additional_keys.*\[1, n_extra, 2, 4\], got \(1, 2, 1, 4\)",
+        ),
+        (
+            dict(additional_keys=Z((1, 2, 2, 4)), additional_values=Z((1, 3, 2, 4))),
+            r"same number of tokens, got 2 and 3",
+        ),
+        (
+            dict(additional_keys=jnp.zeros((1, 2, 2)), additional_values=jnp.zeros((1, 2, 2, 4))),
+            r"additional_keys.*rank 4",
+        ),
+        (
+            dict(
+                additional_keys=jnp.zeros((1, 2, 2, 4), jnp.float16),
+                additional_values=jnp.zeros((1, 2, 2, 4)),
+            ),
+            r"additional_keys.*dtype of `query` \(float32\), got float16",
+        ),
+        (
+            dict(additional_keys=Z((1, 0, 2, 4)), additional_values=Z((1, 0, 2, 4))),
+            r"additional_keys.*empty axes",
+        ),
         (dict(v=jnp.zeros((1, 8, 8, 2, 4), jnp.bfloat16)), r"same dtype"),
         (dict(q=jnp.zeros((0, 8, 8, 2, 4))), r"empty axes"),
         (dict(scale="big"), r"scale"),
@@ -50,6 +88,13 @@ def call(q=Q2, k=None, v=None, kernel_size=3, **kw):
 def test_bad_inputs_raise_clear_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         call(**kwargs)
+
+
+def test_dilation_is_keyword_only():
+    """`stride` precedes `dilation` (NATTEN 0.21's order): both are keyword-only, so an old
+    positional `dilation` fails loudly instead of silently becoming a stride."""
+    with pytest.raises(TypeError):
+        natjax.na2d(Q2, Q2, Q2, 3, 2)
 
 
 def test_non_array_input():

@@ -22,7 +22,7 @@ from na_base import NABackendTests, assert_close
 import natjax
 from natjax.ops.na import ffi, platform
 from natjax.ops.na.reference import dense_mask_and_bias_index
-from natjax.ops.na.spec import axis_windows, make_params
+from natjax.ops.na.spec import NACall, axis_windows, make_params
 
 pytestmark = pytest.mark.skipif(
     not ffi.available(), reason="natjax-ffi is not installed (`make install` builds it)"
@@ -204,8 +204,9 @@ def test_backward_is_deterministic():
 
 def test_unsupported_reason_and_build_info():
     params = make_params(2, (8, 8), 16, 3, 1, False, None)
-    assert ffi.unsupported_reason((1, 8, 8, 2, 16), jnp.float32, params, True) is None
-    assert "int32" in ffi.unsupported_reason((1, 8, 8, 2, 16), jnp.int32, params, False)
+    call = NACall.for_query
+    assert ffi.unsupported_reason(call((1, 8, 8, 2, 16), jnp.float32, params, True)) is None
+    assert "int32" in ffi.unsupported_reason(call((1, 8, 8, 2, 16), jnp.int32, params, False))
     assert "-O3" in ffi.build_info()
 
 
@@ -228,11 +229,11 @@ def test_default_implementation_on_cpu(monkeypatch, spatial, kernel, dilation, w
     shape = (1, *spatial, 2, 8)
     q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
     params = make_params(len(spatial), spatial, 8, kernel, dilation, False, None)
-    assert platform.cpu_choice(q, params, False) == want
+    assert platform.cpu_choice(NACall.for_query(q.shape, q.dtype, params, False)) == want
     fn = getattr(natjax, f"na{len(spatial)}d")
-    default = jax.jit(lambda q: fn(q, q, q, kernel, dilation))
+    default = jax.jit(lambda q: fn(q, q, q, kernel, dilation=dilation))
     assert (ffi.FFI_TARGETS[0] in default.lower(q).as_text()) == (want == "ffi")
-    ref = fn(q, q, q, kernel, dilation, implementation="xla")
+    ref = fn(q, q, q, kernel, dilation=dilation, implementation="xla")
     assert_close(default(q), ref, 1e-5, 1e-5, f"None ({want})")
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from na_base import FUNCS, assert_close
+from na_base import FUNCS, TOLERANCES, assert_close
 
 from natjax.ops.na import ffi
 from natjax.ops.na.nonfinite import in_neighborhood
@@ -107,10 +107,11 @@ def _build(geometry):
 def _call(impl, geometry, q, k, v, rpb=None):
     spatial, kernel, dilation, causal = GEOMETRIES[geometry]
     fn = FUNCS[len(spatial)]
-    return fn(q, k, v, kernel, dilation, causal, rpb=rpb, return_lse=True, implementation=impl)
+    return fn(q, k, v, kernel, dilation=dilation, is_causal=causal, rpb=rpb, return_lse=True,
+              implementation=impl)  # fmt: skip
 
 
-def _check(got, clean, pattern, what):
+def _check(got, clean, pattern, what, tol=2e-5):
     """Non-finite exactly where `pattern` says (NaN / +1 / -1), the clean result elsewhere."""
     got = np.asarray(got, np.float32)
     nan, pos, neg = np.isnan(pattern), pattern == 1, pattern == -1
@@ -118,7 +119,7 @@ def _check(got, clean, pattern, what):
     assert np.array_equal(np.isposinf(got), pos), f"{what}: +inf pattern differs"
     assert np.array_equal(np.isneginf(got), neg), f"{what}: -inf pattern differs"
     fine = pattern == 0
-    assert_close(got[fine], np.asarray(clean, np.float32)[fine], 2e-5, 2e-5, what)
+    assert_close(got[fine], np.asarray(clean, np.float32)[fine], tol, tol, what)
 
 
 @functools.cache
@@ -183,6 +184,21 @@ def test_vmap_and_finite_fast_path():
     got = np.asarray(jax.jit(jax.vmap(f))(*stacked))
     assert_close(got[0], f(clean["q"], clean["k"], clean["v"]), 2e-5, 2e-5, "vmap finite")
     _check(got[1], f(clean["q"], clean["k"], clean["v"]), want_out, "vmap poisoned")
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=str)
+def test_low_precision_inputs(dtype):
+    """bfloat16/float16: the same pattern (inf and NaN exist in both), clean outputs within the
+    dtype's tolerance of the float32 reference on the same rounded inputs."""
+    raw, clean, want_out, want_lse, _ = _build("2d")
+    cast = lambda x: jnp.asarray(x, dtype)  # noqa: E731
+    out, lse = jax.jit(lambda q, k, v: _call("xla", "2d", q, k, v))(*map(cast, raw.values()))
+    assert out.dtype == dtype and lse.dtype == jnp.float32
+    rounded = [cast(clean[x]).astype(jnp.float32) for x in ("q", "k", "v")]
+    ref_out, ref_lse = jax.jit(lambda q, k, v: _call("reference", "2d", q, k, v))(*rounded)
+    tol = TOLERANCES[dtype][0]
+    _check(out, ref_out, want_out, f"out {dtype}", tol)
+    _check(lse, ref_lse, want_lse, f"lse {dtype}", tol)
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -22,7 +22,7 @@ import natjax
 from natjax.ops.na.pallas_triton import na_pallas, unsupported_reason
 from natjax.ops.na.pallas_tuning import NAPallasConfig, NATileConfig, default_config
 from natjax.ops.na.reference import na_reference
-from natjax.ops.na.spec import make_params
+from natjax.ops.na.spec import NACall, make_params
 
 _ON_GPU = jax.default_backend() == "gpu"
 
@@ -130,11 +130,12 @@ def test_forward_inner_loop_ops_per_score():
 
 def test_unsupported_reason_and_dispatch():
     params = make_params(2, (8, 8), 16, 3, 1, False, None)
-    assert unsupported_reason((1, 8, 8, 2, 16), jnp.float32, params, True) is None
-    assert "float64" in unsupported_reason((1, 8, 8, 2, 16), jnp.float64, params, False)
-    assert "head_dim" in unsupported_reason((1, 8, 8, 2, 256), jnp.float32, params, False)
+    call = NACall.for_query
+    assert unsupported_reason(call((1, 8, 8, 2, 16), jnp.float32, params, True)) is None
+    assert "float64" in unsupported_reason(call((1, 8, 8, 2, 16), jnp.float64, params, False))
+    assert "head_dim" in unsupported_reason(call((1, 8, 8, 2, 256), jnp.float32, params, False))
     big = make_params(2, (16, 16), 16, 15, 1, False, None)
-    assert "kernel_size" in unsupported_reason((1, 16, 16, 2, 16), jnp.float32, big, False)
+    assert "kernel_size" in unsupported_reason(call((1, 16, 16, 2, 16), jnp.float32, big, False))
     q = jnp.zeros((1, 16, 16, 2, 256), jnp.float32)
     with pytest.raises(ValueError, match="implementation='pallas' cannot run"):
         natjax.na2d(q, q, q, 3, implementation="pallas")
@@ -206,7 +207,7 @@ def test_gpu_large_matches_xla(dtype):
 
         def run(impl, q=q, k=k, v=v, rpb=rpb, kernel=kernel, dilation=dilation, d_out=d_out):
             def loss(q, k, v, rpb):
-                out = natjax.na2d(q, k, v, kernel, dilation, rpb=rpb, implementation=impl)
+                out = natjax.na2d(q, k, v, kernel, dilation=dilation, rpb=rpb, implementation=impl)
                 return jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32)), out
 
             return jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(q, k, v, rpb)
@@ -232,7 +233,8 @@ q, k, v = (jnp.asarray(rng.standard_normal((8, 13, 4, 8)), jnp.float32) for _ in
 rpb = jnp.asarray(rng.standard_normal((4, 9)), jnp.float32)
 xs = NamedSharding(mesh, P("data", None, "model", None))
 rs = NamedSharding(mesh, P("model"))
-f = lambda q, k, v, rpb: natjax.na1d(q, k, v, 5, 2, True, rpb=rpb, implementation="pallas")
+f = lambda q, k, v, rpb: natjax.na1d(q, k, v, 5, dilation=2, is_causal=True, rpb=rpb,
+                                        implementation="pallas")
 loss = lambda q, k, v, rpb: jnp.sum(f(q, k, v, rpb) ** 2)
 args = [jax.device_put(x, s) for x, s in zip((q, k, v, rpb), (xs, xs, xs, rs))]
 fwd = jax.jit(f, in_shardings=(xs, xs, xs, rs), out_shardings=xs)

@@ -71,7 +71,8 @@ def test_xla_materialises_nothing_quadratic(spatial, kernel, dilation, causal, b
     fn = getattr(natjax, f"na{len(spatial)}d")
 
     def loss(q, k, v, rpb):
-        return jnp.sum(fn(q, k, v, kernel, dilation, causal, rpb=rpb, implementation="xla"))
+        return jnp.sum(fn(q, k, v, kernel, dilation=dilation, is_causal=causal, rpb=rpb,
+                          implementation="xla"))  # fmt: skip
 
     n = math.prod(spatial)
     logits = batch * heads * n * math.prod(kernel)
@@ -89,8 +90,8 @@ def test_xla_backward_has_no_scatter_or_gather(band_only):
     rpb = jnp.ones((2, 5, 9))
 
     def loss(q, rpb):
-        return jnp.sum(natjax.na2d(q, q, q, (3, 5), (2, 1), (True, False), rpb=rpb,
-                                   implementation="xla") ** 2)  # fmt: skip
+        return jnp.sum(natjax.na2d(q, q, q, (3, 5), dilation=(2, 1), is_causal=(True, False),
+                                   rpb=rpb, implementation="xla") ** 2)  # fmt: skip
 
     names = {name for _, name, _ in _intermediate_sizes(jax.grad(loss, (0, 1)), q, rpb)}
     assert not {n for n in names if "scatter" in n or n == "gather"}, names

@@ -124,7 +124,7 @@ def test_xla_runs_band_on_cpu_and_matches_tiled():
     case = dict(spatial=(9, 11), kernel_size=(3, 5), dilation=(2, 1), is_causal=(False, True),
                 rpb=True, batch=2, heads=2, head_dim=8, seed=1)  # fmt: skip
     q, k, v, rpb, _ = make_inputs(case)
-    args = (q, k, v, (3, 5), (2, 1), (False, True))
-    a = natjax.na2d(*args, rpb=rpb, implementation="xla")
-    b = natjax.na2d(*args, rpb=rpb, implementation="xla_tiled")
+    kw = dict(dilation=(2, 1), is_causal=(False, True), rpb=rpb)
+    a = natjax.na2d(q, k, v, (3, 5), **kw, implementation="xla")
+    b = natjax.na2d(q, k, v, (3, 5), **kw, implementation="xla_tiled")
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5)

@@ -36,7 +36,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from natjax.ops.na.partition import batch_head_parallel
-from natjax.ops.na.spec import NAParams, axis_windows
+from natjax.ops.na.spec import NACall, NAParams, axis_windows
 from natjax.ops.na.vjp import na_custom_vjp
 
 _INSTALL_HINT = (
@@ -380,19 +380,18 @@ _na = na_custom_vjp(_na_forward, _na_backward)
 # --------------------------------------------------------------------------------------------
 
 
-def unsupported_reason(shape, dtype, params: NAParams, has_rpb: bool) -> str | None:
+def unsupported_reason(call: NACall) -> str | None:
     """Why the native kernels cannot run a call, or None when they can.
 
     Args:
-      shape: query shape `[batch, *spatial, heads, head_dim]`.
-      dtype: input dtype.
-      params: validated window arguments.
-      has_rpb: whether a relative positional bias is given.
+      call: the call's shapes, dtype and window arguments (bias on or off are both supported).
 
     Returns:
       A human-readable reason, or None.
     """
-    del has_rpb  # bias on or off are both supported
+    shape, dtype, params = call.q_shape, call.dtype, call.params
+    if params.has_stride:
+        return "stride > 1 is not supported yet"
     reason = _load()
     if reason is not None:
         return reason
@@ -429,7 +428,7 @@ def na_ffi(q, k, v, rpb, params: NAParams):
     Raises:
       ValueError: if natjax-ffi is not installed or `unsupported_reason` rejects the call.
     """
-    reason = unsupported_reason(q.shape, q.dtype, params, rpb is not None)
+    reason = unsupported_reason(NACall.of(q, k, v, rpb, params))
     if reason is not None:
         raise ValueError(f"implementation='ffi' cannot run this call: {reason}.")
     geo = make_geometry(q.shape, k.shape, v.shape, q.dtype, params, rpb is not None)

@@ -67,7 +67,9 @@ def in_neighborhood(flags, params: NAParams):
     spatial axis at a time: along an axis every window is `K` positions `d` apart from its first
     key `f` (which is `< 0` where a causal window runs off the start), so a dilated windowed max
     over the axis padded by `(K - 1) d` in front, read at `f + (K - 1) d`, is the OR over the
-    window. Intermediates stay the size of `flags`.
+    window. Intermediates stay the size of `flags`. A causal axis with a stride is the exception:
+    its windows are cut at the query (fewer than `K` keys after the leader's start), so there the
+    window slots are gathered (`[L, K]` positions) and OR-ed.
 
     Args:
       flags: bool `[batch, *spatial, ...]`, True at the flagged key/value positions.
@@ -80,7 +82,14 @@ def in_neighborhood(flags, params: NAParams):
     for ax in range(params.ndim):
         axis = 1 + ax
         k, d = params.kernel_size[ax], params.dilation[ax]
-        win = axis_windows(out.shape[axis], k, d, params.is_causal[ax])
+        win = axis_windows(out.shape[axis], k, d, params.is_causal[ax], params.stride[ax])
+        if params.is_causal[ax] and params.stride[ax] > 1:
+            length = out.shape[axis]
+            picked = jnp.take(out, win.key.reshape(-1), axis=axis)
+            picked = picked.reshape(*out.shape[:axis], length, k, *out.shape[axis + 1 :])
+            valid = win.valid.reshape((length, k) + (1,) * (out.ndim - axis - 1))
+            out = jnp.max(jnp.where(valid, picked, np.uint8(0)), axis=axis + 1)
+            continue
         # First key of each window from any valid slot (every window holds its own query).
         slot = np.argmax(win.valid, axis=1)
         first = win.key[np.arange(len(slot)), slot] - slot * d
@@ -113,6 +122,8 @@ def _fixes(params: NAParams, q, k, v, out_dtype, lse_dtype):
     # One neighborhood pass for all three flag sets: [batch, *spatial, heads, 2 * head_dim + 1].
     seen = in_neighborhood(jnp.concatenate([nan_or_pos, nan_or_neg, bad_key[..., None]], -1),
                            params)  # fmt: skip
+    # Flags per kv head -> per query head (GQA/MQA: query head h reads kv head h // group).
+    seen = jnp.repeat(seen, q.shape[-2] // k.shape[-2], axis=-2)
     d = v.shape[-1]
     pos, neg = seen[..., :d], seen[..., d : 2 * d]
     bad_row = seen[..., 2 * d] | jnp.any(~jnp.isfinite(q), axis=-1)
@@ -148,7 +159,8 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     fix, lse_fix = jax.lax.cond(
         nonfinite,
         lambda q, k, v: _fixes(params, q, k, v, out.dtype, lse.dtype),
-        lambda q, k, v: (jnp.zeros(out.shape, out.dtype), jnp.zeros(lse.shape, lse.dtype)),
+        # zeros_like keeps the operands' sharding (explicit meshes type it): same as branch 1.
+        lambda q, k, v: (jnp.zeros_like(v, out.dtype), jnp.zeros_like(q[..., 0], lse.dtype)),
         sg(q), sg(k), sg(v),
     )  # fmt: skip
     # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); the cotangent

@@ -51,7 +51,7 @@ from natjax.ops.na.pallas_kernels import (
 )
 from natjax.ops.na.pallas_tuning import NAPallasConfig, NATileConfig, default_config
 from natjax.ops.na.partition import batch_head_parallel
-from natjax.ops.na.spec import NAParams
+from natjax.ops.na.spec import NACall, NAParams
 from natjax.ops.na.vjp import na_custom_vjp
 
 _MAX_KERNEL = 13
@@ -257,19 +257,22 @@ _na = na_custom_vjp(_na_forward, _na_bwd)
 # --------------------------------------------------------------------------------------------
 
 
-def unsupported_reason(shape, dtype, params: NAParams, has_rpb: bool) -> str | None:
+def unsupported_reason(call: NACall) -> str | None:
     """Why the Pallas kernel cannot run a call, or None when it can.
 
     Args:
-      shape: query shape `[batch, *spatial, heads, head_dim]`.
-      dtype: input dtype.
-      params: validated window arguments.
-      has_rpb: whether a relative positional bias is given.
+      call: the call's shapes, dtype and window arguments (bias on or off are both supported).
 
     Returns:
       A human-readable reason, or None.
     """
-    del has_rpb  # bias on or off are both supported
+    shape, dtype, params = call.q_shape, call.dtype, call.params
+    if params.has_stride or params.has_even_kernel:
+        return "stride > 1 and even kernel sizes are not supported yet"
+    if call.is_gqa or call.value_dim != call.head_dim:
+        return (
+            "GQA/MQA (fewer key/value heads) and a value head_dim of its own are not supported yet"
+        )
     if jnp.dtype(dtype).name not in _SUPPORTED_DTYPES:
         return f"dtype {jnp.dtype(dtype).name} is not supported (float16, bfloat16, float32)"
     if not 1 <= params.ndim <= 3:
@@ -308,7 +311,7 @@ def na_pallas(
     Raises:
       ValueError: if `unsupported_reason` rejects the call or the config does not match it.
     """
-    reason = unsupported_reason(q.shape, q.dtype, params, rpb is not None) if check else None
+    reason = unsupported_reason(NACall.of(q, k, v, rpb, params)) if check else None
     if reason is not None:
         raise ValueError(f"na_pallas: {reason}.")
     if config is None:

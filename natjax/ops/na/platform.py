@@ -30,7 +30,7 @@ import jax
 
 from natjax.ops.na import xla as band
 from natjax.ops.na import xla_tiled
-from natjax.ops.na.spec import NAParams
+from natjax.ops.na.spec import NACall, NAParams
 from natjax.ops.na.vjp import na_custom_vjp
 
 # On CPU, dense attention over a small map beats the neighborhood path's fixed costs:
@@ -58,25 +58,26 @@ def cpu_prefers_dense(spatial: tuple[int, ...], params: NAParams) -> bool:
 FFI_MAX_WINDOW_FRACTION = 0.8
 
 
-def cpu_choice(q, params: NAParams, has_rpb: bool) -> str:
-    """The CPU backend of `implementation=None`: "ffi", "reference" (dense) or "xla".
+def cpu_choice(call: NACall) -> str:
+    """The CPU backend of `implementation=None`: "ffi", "reference" (dense), "xla" (band) or
+    "xla_tiled" (calls the band formulation does not take, see `xla.supports`).
 
     Args:
-      q: the query (shape and dtype are read).
-      params: validated window arguments.
-      has_rpb: whether a bias is given.
+      call: the call's description.
 
     Returns:
       The backend name.
     """
-    spatial = tuple(q.shape[1:-2])
+    spatial, params = call.spatial, call.params
     group = math.prod(-(-n // d) for n, d in zip(spatial, params.dilation, strict=True))
     if params.kernel_volume <= FFI_MAX_WINDOW_FRACTION * group:
         from natjax.ops.na import ffi
 
-        if ffi.unsupported_reason(q.shape, q.dtype, params, has_rpb) is None:
+        if ffi.unsupported_reason(call) is None:
             return "ffi"
-    return "reference" if cpu_prefers_dense(spatial, params) else "xla"
+    if cpu_prefers_dense(spatial, params):
+        return "reference"
+    return "xla" if band.supports(call) else "xla_tiled"
 
 
 def _forward(static, q, k, v, rpb):
@@ -124,15 +125,18 @@ def na_xla(q, k, v, rpb, params: NAParams):
     Returns:
       (out in q's dtype, lse `[batch, *spatial, heads]` float32 / float64).
     """
+    if not band.supports(NACall.of(q, k, v, rpb, params)):
+        return xla_tiled.na_xla_tiled(q, k, v, rpb, params)  # the tiled path on every platform
     return _na((params, _tiles(q, params)), q, k, v, rpb)
 
 
-def _pallas_or_tiled(q, params: NAParams, has_rpb: bool):
+def _pallas_or_tiled(call: NACall):
     """The CUDA branch of `na_default`: Pallas (compiled, not interpreted) when supported."""
+    params = call.params
     try:
         from natjax.ops.na import pallas_triton
 
-        reason = pallas_triton.unsupported_reason(q.shape, q.dtype, params, has_rpb)
+        reason = pallas_triton.unsupported_reason(call)
     except ImportError as err:  # Pallas/Triton missing from this jaxlib build.
         reason = f"Pallas is unavailable ({err})"
     if reason is None:
@@ -153,18 +157,21 @@ def na_default(q, k, v, rpb, params: NAParams):
     """
     from natjax.ops.na.reference import na_reference
 
-    choice = cpu_choice(q, params, rpb is not None)
+    call = NACall.of(q, k, v, rpb, params)
+    choice = cpu_choice(call)
     if choice == "ffi":
         from natjax.ops.na.ffi import na_ffi
 
         cpu = functools.partial(na_ffi, params=params)
     elif choice == "reference":
         cpu = functools.partial(na_reference, params=params)
-    else:
+    elif choice == "xla":
         cpu = functools.partial(band.na_xla, params=params)
+    else:
+        cpu = functools.partial(xla_tiled.na_xla_tiled, params=params)
     return jax.lax.platform_dependent(
         q, k, v, rpb,
         cpu=cpu,
-        cuda=_pallas_or_tiled(q, params, rpb is not None),
+        cuda=_pallas_or_tiled(call),
         default=functools.partial(xla_tiled.na_xla_tiled, params=params),
     )  # fmt: skip

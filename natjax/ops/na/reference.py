@@ -16,9 +16,9 @@ import numpy as np
 from natjax.ops.na.spec import NAParams, axis_windows
 
 
-def _axis_dense(length: int, kernel_size: int, dilation: int, causal: bool):
+def _axis_dense(length: int, kernel_size: int, dilation: int, causal: bool, stride: int = 1):
     """Returns `[L, L]` (allowed, rpb_index) matrices for one axis."""
-    win = axis_windows(length, kernel_size, dilation, causal)
+    win = axis_windows(length, kernel_size, dilation, causal, stride)
     allowed = np.zeros((length, length), bool)
     rel = np.zeros((length, length), np.int32)
     rows = np.repeat(np.arange(length)[:, None], kernel_size, axis=1)
@@ -35,10 +35,15 @@ def dense_mask_and_bias_index(spatial: tuple[int, ...], params: NAParams):
     """
     ndim = len(spatial)
     per_axis = [
-        _axis_dense(n, k, d, c)
-        for n, k, d, c in zip(
-            spatial, params.kernel_size, params.dilation, params.is_causal, strict=True
-        )
+        _axis_dense(n, k, d, c, s)
+        for n, k, d, c, s in zip(
+            spatial,
+            params.kernel_size,
+            params.dilation,
+            params.is_causal,
+            params.stride,
+            strict=True,
+        )  # fmt: skip
     ]
     mask = np.ones((1,) * (2 * ndim), bool)
     index = []
@@ -57,31 +62,37 @@ def na_reference(q, k, v, rpb, params: NAParams):
     """Dense masked attention with NATTEN semantics.
 
     Args:
-      q, k, v: `[batch, *spatial, heads, head_dim]`.
+      q: `[batch, *spatial, heads, head_dim]`.
+      k: `[batch, *spatial, kv_heads, head_dim]`, `heads % kv_heads == 0` (GQA/MQA: query head
+        `h` reads kv head `h // (heads // kv_heads)`).
+      v: `[batch, *spatial, kv_heads, value_dim]`.
       rpb: `[heads, *(2 * kernel_size - 1)]` or None.
       params: validated window arguments.
 
     Returns:
-      (out `[batch, *spatial, heads, head_dim]` in q's dtype,
+      (out `[batch, *spatial, heads, value_dim]` in q's dtype,
        lse `[batch, *spatial, heads]` float32, or float64 for float64 inputs).
     """
     batch, *spatial, heads, head_dim = q.shape
+    kv_heads, value_dim = k.shape[-2], v.shape[-1]
+    group = heads // kv_heads
     spatial = tuple(spatial)
     n = math.prod(spatial)
     compute = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     mask, index = dense_mask_and_bias_index(spatial, params)
-    qf = q.reshape(batch, n, heads, head_dim).astype(compute)
-    kf = k.reshape(batch, n, heads, head_dim).astype(compute)
-    vf = v.reshape(batch, n, heads, head_dim).astype(compute)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", qf * params.scale, kf)
+    # Query heads split as [kv_heads, group]: each kv head is read by its group, never repeated.
+    qf = q.reshape(batch, n, kv_heads, group, head_dim).astype(compute)
+    kf = k.reshape(batch, n, kv_heads, head_dim).astype(compute)
+    vf = v.reshape(batch, n, kv_heads, value_dim).astype(compute)
+    logits = jnp.einsum("bqcjd,bkcd->bcjqk", qf * params.scale, kf)
     if rpb is not None:
         # Flat index into [heads, prod(2K-1)]: no reshape of a (possibly head-sharded) [h, N, N].
         bias = rpb.astype(compute).reshape(heads, -1)[:, index]
-        logits = logits + bias[None]
-    logits = jnp.where(mask[None, None], logits, -jnp.inf)
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [b, h, q]
+        logits = logits + bias.reshape(kv_heads, group, n, n)[None]
+    logits = jnp.where(mask[None, None, None], logits, -jnp.inf)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [b, c, j, q]
     probs = jnp.exp(logits - lse[..., None])
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, vf)
-    out = out.reshape(batch, *spatial, heads, head_dim).astype(q.dtype)
-    lse = jnp.moveaxis(lse, 1, -1).reshape(batch, *spatial, heads)
+    out = jnp.einsum("bcjqk,bkcd->bqcjd", probs, vf)
+    out = out.reshape(batch, *spatial, heads, value_dim).astype(q.dtype)
+    lse = jnp.moveaxis(lse.reshape(batch, heads, n), 1, -1).reshape(batch, *spatial, heads)
     return out, lse

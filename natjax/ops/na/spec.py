@@ -1,17 +1,28 @@
 """Neighborhood-attention semantics: argument checking and the per-axis window rules.
 
 This module is the single source of truth for *which* keys a query attends to (NATTEN <= 0.17
-semantics). Every backend derives its masks, offsets and bias indices from `axis_windows`, and
-`NAParams` is the validated, hashable description of one call that backends receive.
+semantics, extended with NATTEN >= 0.20's stride and even kernels). Every backend derives its
+masks, offsets and bias indices from `axis_windows`; `NAParams` is the validated, hashable
+description of the window arguments, and `NACall` (shapes, dtype, params, bias, extra tokens) is
+what every backend's `unsupported_reason(call)` receives.
 
-Per spatial axis of length `L`, kernel `K`, dilation `d` (NATTEN 0.17 `get_window_start`):
+Per spatial axis of length `L`, kernel `K >= 1`, stride `1 <= s <= K`, dilation `d` (NATTEN 0.21
+`get_na_flex_mask`; with `s = 1` and odd `K` exactly NATTEN 0.17's `get_window_start`):
   * positions with the same `i % d` form a sub-map ("dilation group") of length
-    `ceil((L - i % d) / d)`; a query only sees keys of its own group;
-  * in group coordinates `p = i // d`, a non-causal query attends the `K` consecutive group
-    positions starting at `clamp(p - K // 2, 0, L_group - K)`: the window is shifted to stay inside
-    the map, never zero-padded;
-  * a causal query attends group positions `p - K + 1 ... p` that exist (fewer near the start);
-  * the relative-position-bias index is `(key - query) / d + K - 1`.
+    `L_g = ceil((L - i % d) / d)`; a query only sees keys of its own group;
+  * in group coordinates `p = i // d`, the window is split as `left = K // 2` keys before and
+    `right = K - 1 - left` after (one more before the query for even `K`);
+  * stride: group positions form stride groups `p // s`; every query of a stride group uses the
+    window of the group's leader, `lead = min((p // s) * s + s // 2, L_g - 1)` (non-causal) or
+    `min((p // s) * s + s - 1, L_g - 1)` (causal); with `s = 1`, `lead = p`;
+  * a non-causal query attends the `K` consecutive group positions starting at
+    `clamp(lead - left, 0, L_g - K)`: the window is shifted to stay inside the map, never
+    zero-padded;
+  * a causal query attends group positions `lead - K + 1 ... p` that exist (fewer near the start
+    and before the leader; never a key after the query);
+  * the relative-position-bias index is `(key - query) / d + K - 1`. NATTEN defines no bias with
+    stride; this one reduces to NATTEN's at stride 1 and stays in the `2K - 1` table because a
+    query always lies inside its own window (`s <= K`), so `|key - query| / d <= K - 1`.
 """
 
 from __future__ import annotations
@@ -39,14 +50,17 @@ class AxisWindows:
     rpb_index: np.ndarray
 
 
-def axis_windows(length: int, kernel_size: int, dilation: int, causal: bool) -> AxisWindows:
-    """Computes the neighborhood of every query along one axis (NATTEN 0.17 rules).
+def axis_windows(
+    length: int, kernel_size: int, dilation: int, causal: bool, stride: int = 1
+) -> AxisWindows:
+    """Computes the neighborhood of every query along one axis (module docstring's rules).
 
     Args:
       length: size `L` of the axis.
-      kernel_size: window size `K` (odd).
+      kernel_size: window size `K >= 1` (odd or even).
       dilation: dilation `d`, with `K * d <= L`.
       causal: whether the axis is causal.
+      stride: stride `s`, `1 <= s <= K`.
 
     Returns:
       An `AxisWindows` with `[L, K]` arrays.
@@ -56,12 +70,17 @@ def axis_windows(length: int, kernel_size: int, dilation: int, causal: bool) -> 
     pos = i // dilation
     group_len = (length - group + dilation - 1) // dilation
     offsets = np.arange(kernel_size)
+    first = (pos // stride) * stride
     if causal:
-        start = pos - kernel_size + 1
+        lead = np.minimum(first + stride - 1, group_len - 1)
+        start = lead - kernel_size + 1
     else:
-        start = np.clip(pos - kernel_size // 2, 0, group_len - kernel_size)
+        lead = np.minimum(first + stride // 2, group_len - 1)
+        start = np.clip(lead - kernel_size // 2, 0, group_len - kernel_size)
     key_pos = start[:, None] + offsets[None, :]
     valid = key_pos >= 0
+    if causal:  # the leader may lie after the query: never a key after the query itself
+        valid &= key_pos <= pos[:, None]
     key = np.where(valid, key_pos * dilation + group[:, None], 0)
     rpb_index = key_pos - pos[:, None] + kernel_size - 1
     return AxisWindows(key=key, valid=valid, rpb_index=rpb_index)
@@ -74,12 +93,28 @@ class NAParams:
     Attributes:
       kernel_size, dilation, is_causal: one entry per spatial axis.
       scale: factor applied to `q . k` before the bias is added.
+      stride: one entry per spatial axis (default: 1 on every axis).
     """
 
     kernel_size: tuple[int, ...]
     dilation: tuple[int, ...]
     is_causal: tuple[bool, ...]
     scale: float
+    stride: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if not self.stride:  # frozen: set the default through object.__setattr__
+            object.__setattr__(self, "stride", (1,) * len(self.kernel_size))
+
+    @property
+    def has_stride(self) -> bool:
+        """Whether some axis has a stride above 1 (NATTEN >= 0.20 strided NA)."""
+        return any(s != 1 for s in self.stride)
+
+    @property
+    def has_even_kernel(self) -> bool:
+        """Whether some axis has an even kernel size (NATTEN >= 0.20)."""
+        return any(k % 2 == 0 for k in self.kernel_size)
 
     @property
     def ndim(self) -> int:
@@ -92,6 +127,99 @@ class NAParams:
     @property
     def rpb_shape_tail(self) -> tuple[int, ...]:
         return tuple(2 * k - 1 for k in self.kernel_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class NACall:
+    """Static description of one neighborhood-attention call, as backends are asked about it.
+
+    Every backend's `unsupported_reason(call: NACall) -> str | None` receives one; None means the
+    backend runs the call. Additional key/value tokens are merged by the public API around the
+    backend (`merge_attentions`), so `n_extra` is informative only.
+
+    Attributes:
+      q_shape: `[batch, *spatial, heads, head_dim]`.
+      k_shape: `[batch, *spatial, kv_heads, head_dim]`.
+      v_shape: `[batch, *spatial, kv_heads, value_dim]`.
+      dtype: the input dtype (query, key, value and extra tokens share it).
+      params: the validated window arguments.
+      has_rpb: whether a relative positional bias is given.
+      n_extra: number of additional key/value tokens (0 if none).
+    """
+
+    q_shape: tuple[int, ...]
+    k_shape: tuple[int, ...]
+    v_shape: tuple[int, ...]
+    dtype: np.dtype
+    params: NAParams
+    has_rpb: bool = False
+    n_extra: int = 0
+
+    @classmethod
+    def of(cls, q, k, v, rpb, params: NAParams, n_extra: int = 0) -> NACall:
+        """Describes a call from its (possibly traced) arrays.
+
+        Args:
+          q, k, v: the query, key and value arrays (anything with `.shape`/`.dtype`).
+          rpb: the bias or None.
+          params: validated window arguments.
+          n_extra: number of additional key/value tokens.
+
+        Returns:
+          The `NACall`.
+        """
+        return cls(
+            q_shape=tuple(int(n) for n in q.shape),
+            k_shape=tuple(int(n) for n in k.shape),
+            v_shape=tuple(int(n) for n in v.shape),
+            dtype=np.dtype(q.dtype),
+            params=params,
+            has_rpb=rpb is not None,
+            n_extra=int(n_extra),
+        )
+
+    @classmethod
+    def for_query(cls, shape, dtype, params: NAParams, has_rpb: bool) -> NACall:
+        """Describes a plain multi-head call: key and value shaped like the query `shape`.
+
+        Args:
+          shape: `[batch, *spatial, heads, head_dim]`; dtype: the input dtype.
+          params: validated window arguments; has_rpb: whether a bias is given.
+
+        Returns:
+          The `NACall`.
+        """
+        shape = tuple(int(n) for n in shape)
+        return cls(shape, shape, shape, np.dtype(dtype), params, bool(has_rpb))
+
+    @property
+    def batch(self) -> int:
+        return self.q_shape[0]
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        return self.q_shape[1:-2]
+
+    @property
+    def heads(self) -> int:
+        return self.q_shape[-2]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k_shape[-2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q_shape[-1]
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_shape[-1]
+
+    @property
+    def is_gqa(self) -> bool:
+        """Whether key/value have fewer heads than the query (GQA/MQA)."""
+        return self.kv_heads != self.heads
 
 
 def _per_axis(name: str, value, ndim: int, kind: type) -> tuple:
@@ -135,6 +263,7 @@ def make_params(
     dilation,
     is_causal,
     scale,
+    stride=1,
 ) -> NAParams:
     """Validates the window arguments against the spatial shape.
 
@@ -142,7 +271,7 @@ def make_params(
       ndim: number of spatial axes (1, 2 or 3).
       spatial: the spatial shape of the inputs.
       head_dim: size of the last input axis (for the default scale).
-      kernel_size, dilation, is_causal, scale: as in `natjax.na2d`.
+      kernel_size, dilation, is_causal, scale, stride: as in `natjax.na2d`.
 
     Returns:
       The validated `NAParams`.
@@ -153,10 +282,17 @@ def make_params(
     ks = _per_axis("kernel_size", kernel_size, ndim, int)
     dil = _per_axis("dilation", dilation, ndim, int)
     causal = _per_axis("is_causal", is_causal, ndim, bool)
+    st = _per_axis("stride", stride, ndim, int)
     for ax, k in enumerate(ks):
-        if k < 1 or k % 2 == 0:
+        if k < 1:
             raise ValueError(
-                f"`kernel_size` must be odd and >= 1 on every axis, got {ks} (axis {ax}: {k})."
+                f"`kernel_size` must be >= 1 on every axis, got {ks} (axis {ax}: {k})."
+            )
+    for ax, (s, k) in enumerate(zip(st, ks, strict=True)):
+        if not 1 <= s <= k:
+            raise ValueError(
+                f"`stride` must be >= 1 and <= kernel_size on every axis, got stride={st} with "
+                f"kernel_size={ks} (axis {ax}: stride {s}, kernel {k})."
             )
     for ax, d in enumerate(dil):
         if d < 1:
@@ -177,4 +313,4 @@ def make_params(
             raise ValueError(f"`scale` must be a Python float or None, got {scale!r}.") from None
         if not math.isfinite(scale):
             raise ValueError(f"`scale` must be finite, got {scale!r}.")
-    return NAParams(kernel_size=ks, dilation=dil, is_causal=causal, scale=scale)
+    return NAParams(kernel_size=ks, dilation=dil, is_causal=causal, scale=scale, stride=st)

@@ -10,10 +10,12 @@ Every group is padded to `rows = ceil(L / d)` rows; the groups of length `rows -
 `L % d != 0`) differ only in their tables.
 
 Tiles. Group rows are cut into `n_tiles = ceil(rows / tile)` query tiles of `tile` rows. All keys
-of a tile's queries lie in one contiguous *key halo* of `halo = min(tile + K - 1, rows)` group
-rows starting at `halo_start[g, t]`: window starts are non-decreasing in the query and grow by at
-most one per row, so `tile` queries span at most `tile - 1 + K` keys. The start is clamped to
-`[0, rows - halo]`, so halos are static, in-bounds slices.
+of a tile's queries lie in one contiguous *key halo* of `halo` group rows starting at
+`halo_start[g, t]`: window starts are non-decreasing in the query. With stride 1 they grow by at
+most one per row, so `tile` queries span at most `tile - 1 + K` keys and
+`halo = min(tile + K - 1, rows)`; with a stride they jump by up to the stride at stride-group
+boundaries, and `halo` is the widest span any tile needs (at least the stride-1 value). The
+start is clamped to `[0, rows - halo]`, so halos are static, in-bounds slices.
 
 Tile classes. Relative to its halo, a tile's neighborhood mask and relative-position-bias index
 depend only on its position class (first tiles, interior, last tiles, each dilation group
@@ -26,7 +28,7 @@ tables over `G = prod(d)` groups, `nT = prod(n_tiles)` tiles, `Tq = prod(tile)` 
 and `Hk = prod(halo)` halo keys per tile (all row-major in the spatial axes).
 
 Stable API (used by `xla_tiled` and the Pallas kernels):
-  * `axis_tiling(length, kernel, dilation, causal, tile) -> AxisTiling` (cached);
+  * `axis_tiling(length, kernel, dilation, causal, tile, stride=1) -> AxisTiling` (cached);
   * `tiling(spatial, params, tiles) -> Tiling` (cached), with `to_tiles` / `from_tiles` (the
     query layout `[B, G, nT, Tq, h, D]`) and the flat tables `halo_index`, `tile_class`, `mask`,
     `rpb_index`, `query_valid`.
@@ -54,7 +56,9 @@ class AxisTiling:
       length, kernel, dilation, causal, tile: the axis and its query-tile size.
       rows: group rows after padding every group to the longest, `ceil(length / dilation)`.
       n_tiles: query tiles per group, `ceil(rows / tile)`.
-      halo: key rows per tile halo, `min(tile + kernel - 1, rows)`.
+      halo: key rows per tile halo, `min(tile + kernel - 1, rows)` with stride 1, the widest span
+        a tile needs with a stride.
+      stride: the axis's stride.
       halo_start: `[dilation, n_tiles]` int, first group row of each tile's key halo.
       tile_class: `[dilation, n_tiles]` int, index of each tile's entry in the class tables.
       mask: `[n_classes, tile, halo]` bool, query row `r` of the tile attends halo row `j`
@@ -77,6 +81,7 @@ class AxisTiling:
     mask: np.ndarray
     rpb_index: np.ndarray
     query_valid: np.ndarray
+    stride: int = 1
 
     @property
     def n_classes(self) -> int:
@@ -93,15 +98,18 @@ class AxisTiling:
 
 
 @functools.lru_cache(maxsize=512)
-def axis_tiling(length: int, kernel: int, dilation: int, causal: bool, tile: int) -> AxisTiling:
-    """Builds the tile tables of one axis from `spec.axis_windows` (NATTEN 0.17 windows).
+def axis_tiling(
+    length: int, kernel: int, dilation: int, causal: bool, tile: int, stride: int = 1
+) -> AxisTiling:
+    """Builds the tile tables of one axis from `spec.axis_windows`.
 
     Args:
       length: axis size `L`.
-      kernel: odd window size `K`, with `K * dilation <= L`.
+      kernel: window size `K`, with `K * dilation <= L`.
       dilation: dilation `d >= 1`.
       causal: whether the axis is causal.
       tile: query rows per tile (`>= 1`; larger than `rows` is clipped to `rows`).
+      stride: the stride `1 <= s <= K`.
 
     Returns:
       The axis's `AxisTiling`.
@@ -114,9 +122,9 @@ def axis_tiling(length: int, kernel: int, dilation: int, causal: bool, tile: int
     rows = -(-length // dilation)
     tile = min(tile, rows)
     n_tiles = -(-rows // tile)
-    halo = min(tile + kernel - 1, rows)
-    win = axis_windows(length, kernel, dilation, causal)
+    win = axis_windows(length, kernel, dilation, causal, stride)
     key_rows = win.key // dilation  # group rows of each query's keys, [L, K]
+    halo = max(min(tile + kernel - 1, rows), _max_span(key_rows, win.valid, dilation, tile))
     starts = np.zeros((dilation, n_tiles), np.int64)
     classes: dict[bytes, int] = {}
     masks, indices, valids = [], [], []
@@ -162,7 +170,38 @@ def axis_tiling(length: int, kernel: int, dilation: int, causal: bool, tile: int
         mask=np.stack(masks),
         rpb_index=np.stack(indices),
         query_valid=np.stack(valids),
+        stride=stride,
     )
+
+
+@functools.lru_cache(maxsize=1024)
+def axis_halo(length: int, kernel: int, dilation: int, causal: bool, tile: int, stride: int) -> int:
+    """The `halo` that `axis_tiling` gives these arguments, without building the tables.
+
+    Args:
+      length, kernel, dilation, causal, tile, stride: as in `axis_tiling`.
+
+    Returns:
+      Key rows per tile halo.
+    """
+    rows = -(-length // dilation)
+    tile = min(tile, rows)
+    win = axis_windows(length, kernel, dilation, causal, stride)
+    span = _max_span(win.key // dilation, win.valid, dilation, tile)
+    return max(min(tile + kernel - 1, rows), span)
+
+
+def _max_span(key_rows: np.ndarray, valid: np.ndarray, dilation: int, tile: int) -> int:
+    """Widest range of key rows `max - min + 1` that the queries of one tile attend."""
+    lo = np.where(valid, key_rows, np.iinfo(np.int64).max).min(axis=1)
+    hi = np.where(valid, key_rows, -1).max(axis=1)
+    span = 1
+    for g in range(dilation):
+        starts = np.arange(0, len(lo[g::dilation]), tile)
+        tile_lo = np.minimum.reduceat(lo[g::dilation], starts)
+        tile_hi = np.maximum.reduceat(hi[g::dilation], starts)
+        span = max(span, int((tile_hi - tile_lo).max()) + 1)
+    return span
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -268,11 +307,12 @@ def tiling(spatial: tuple[int, ...], params: NAParams, tiles: tuple[int, ...]) -
     if len(tiles) != len(spatial) or any(int(t) < 1 for t in tiles):
         raise ValueError(f"`tiles` must be {len(spatial)} ints >= 1, got {tiles!r}.")
     axes = tuple(
-        axis_tiling(n, k, d, c, int(t))
-        for n, k, d, c, t in zip(
-            spatial, params.kernel_size, params.dilation, params.is_causal, tiles, strict=True
+        axis_tiling(n, k, d, c, int(t), s)
+        for n, k, d, c, t, s in zip(
+            spatial, params.kernel_size, params.dilation, params.is_causal, tiles, params.stride,
+            strict=True,
         )
-    )
+    )  # fmt: skip
     strides = np.cumprod((1,) + tuple(spatial[::-1]))[::-1][1:]  # row-major spatial strides
     # halo_index[g, t, j]: combine per-axis [d_a, nT_a, halo_a] positions.
     idx = np.zeros((1, 1, 1), np.int64)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from natjax.ops.na.spec import NAParams, axis_windows
+from natjax.ops.na.spec import NACall, NAParams, axis_windows
 from natjax.ops.na.vjp import na_custom_vjp
 from natjax.ops.na.xla_blocks import LastAxisBand, OuterShift
 
@@ -415,6 +415,16 @@ def _backward(params: NAParams, res, cts):
 
 
 _na = na_custom_vjp(_forward, _backward)
+
+
+def supports(call: NACall) -> bool:
+    """Whether the band formulation runs this call (else `platform` uses the tiled path).
+
+    The band assumes one window per query sliding by one position, odd kernels, and key/value
+    heads shaped like the query's.
+    """
+    p = call.params
+    return not (p.has_stride or p.has_even_kernel or call.is_gqa or call.value_dim != call.head_dim)
 
 
 def na_xla(q, k, v, rpb, params: NAParams):

@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natjax.ops.na import tiles as tiles_mod
 from natjax.ops.na.partition import explicit_batch_head_map
-from natjax.ops.na.spec import NAParams
+from natjax.ops.na.spec import NACall, NAParams
 from natjax.ops.na.tiles import Tiling, tiling
 from natjax.ops.na.vjp import na_custom_vjp
 
@@ -61,12 +62,22 @@ def choose_tiles(
       One tile size per axis (each at most the axis's dilation-group length).
     """
     rows = [-(-n // d) for n, d in zip(spatial, params.dilation, strict=True)]
-    options = [sorted({min(c, r) for c in _TILE_CANDIDATES}) for r in rows]
+    # With a stride, tiles of whole stride groups share windows: offer multiples of the stride.
+    options = [
+        sorted({min(c, r) for c in _TILE_CANDIDATES + tuple(s * c for c in _TILE_CANDIDATES[:5])})
+        for r, s in zip(rows, params.stride, strict=True)
+    ]
+    axes = list(
+        zip(spatial, params.kernel_size, params.dilation, params.is_causal, params.stride, rows,
+            strict=True)
+    )  # fmt: skip
+
+    def axis_halo(t, n, k, d, c, s, r):
+        return min(t + k - 1, r) if s == 1 else tiles_mod.axis_halo(n, k, d, c, t, s)
+
     best = None
     for tile in itertools.product(*options):
-        halo = math.prod(
-            min(t + k - 1, r) for t, k, r in zip(tile, params.kernel_size, rows, strict=True)
-        )
+        halo = math.prod(axis_halo(t, *a) for t, a in zip(tile, axes, strict=True))
         tq = math.prod(tile)
         if tq < min(8, math.prod(rows)):
             continue  # matmuls with fewer than 8 rows waste the tensor cores / MXU
@@ -150,9 +161,38 @@ def _unhalo(xh, t: Tiling, spatial, dtype):
     return out.reshape((b, *spatial, h, d)).astype(dtype)
 
 
+def _split_heads(x, kv_heads: int):
+    """`[..., h, D]` -> `[..., kv_heads, h // kv_heads, D]`: query head `h = c * group + j`
+    reads kv head `c` (GQA/MQA), so key/value halos are shared by a group, never repeated."""
+    return x.reshape(x.shape[:-2] + (kv_heads, x.shape[-2] // kv_heads, x.shape[-1]))
+
+
+def _qk(qt, kh, acc):
+    """`[B, G, nT, Tq, h, D] x [B, G, nT, Hk, kvh, D] -> [B, G, nT, h, Tq, Hk]`."""
+    s = jnp.einsum("bgtqcjd,bgtkcd->bgtcjqk", _split_heads(qt, kh.shape[-2]), kh,
+                   preferred_element_type=acc)  # fmt: skip
+    return s.reshape(s.shape[:3] + (-1,) + s.shape[5:])
+
+
+def _pv(p, vh, acc):
+    """`[B, G, nT, h, Tq, Hk] x [B, G, nT, Hk, kvh, Dv] -> [B, G, nT, Tq, h, Dv]`."""
+    kvh = vh.shape[-2]
+    p = p.reshape(p.shape[:3] + (kvh, -1) + p.shape[4:])
+    o = jnp.einsum("bgtcjqk,bgtkcd->bgtqcjd", p, vh, preferred_element_type=acc)
+    return o.reshape(o.shape[:4] + (-1, o.shape[-1]))
+
+
+def _pq(p, xt, kv_heads: int, acc):
+    """`[B, G, nT, h, Tq, Hk] x [B, G, nT, Tq, h, F] -> [B, G, nT, kvh, Hk, F]` (the layout
+    `_unhalo` reads), summed over the query heads of each kv head (GQA gradients)."""
+    p = p.reshape(p.shape[:3] + (kv_heads, -1) + p.shape[4:])
+    return jnp.einsum("bgtcjqk,bgtqcjd->bgtckd", p, _split_heads(xt, kv_heads),
+                      preferred_element_type=acc)  # fmt: skip
+
+
 def _scores(qt, kh, bm, scale, acc):
     """Logits `[B, G, nT, h, Tq, Hk]` (float32, float64 for float64 inputs)."""
-    s = jnp.einsum("bgtqhd,bgtkhd->bgthqk", qt, kh, preferred_element_type=acc) * scale
+    s = _qk(qt, kh, acc) * scale
     return s if bm is None else s + bm[None]
 
 
@@ -183,12 +223,12 @@ def _forward_core(params: NAParams, t: Tiling, q, k, v, rpb, training: bool = Tr
     if training:
         e_in = e.astype(q.dtype)
         denom = jnp.sum(e_in.astype(acc), axis=-1, keepdims=True)
-        o = jnp.einsum("bgthqk,bgtkhd->bgtqhd", e_in, vh, preferred_element_type=acc)
+        o = _pv(e_in, vh, acc)
         o = o / jnp.swapaxes(denom[..., 0], -1, -2)[..., None]
     else:
         denom = jnp.sum(e, axis=-1, keepdims=True)
         p = (e / denom).astype(q.dtype)
-        o = jnp.einsum("bgthqk,bgtkhd->bgtqhd", p, vh, preferred_element_type=acc)
+        o = _pv(p, vh, acc)
     lse = (m + jnp.log(denom))[..., 0]
     return t.from_tiles(o.astype(q.dtype)), _unrows(lse, t)
 
@@ -207,14 +247,15 @@ def _backward_core(params: NAParams, t: Tiling, q, k, v, rpb, out, lse, d_out, d
         # zero, so ds would be 0 * inf).
         valid = t.query_valid[t.tile_class]  # [G, nT, Tq]
         p = jnp.where(valid[None, :, :, None, :, None], p, 0.0)
-    dp = jnp.einsum("bgtqhd,bgtkhd->bgthqk", dot, vh, preferred_element_type=acc)
+    dp = _qk(dot, vh, acc)
     delta = jnp.sum(d_out.astype(acc) * out.astype(acc), axis=-1)  # fused: no stored copies
     shift = _rows(delta - d_lse.astype(acc), t)
     ds = p * (dp - shift[..., None])
     ds_in = ds.astype(dt)
-    dq = jnp.einsum("bgthqk,bgtkhd->bgtqhd", ds_in, kh, preferred_element_type=acc)
-    dkh = jnp.einsum("bgthqk,bgtqhd->bgthkd", ds_in, qt, preferred_element_type=acc)
-    dvh = jnp.einsum("bgthqk,bgtqhd->bgthkd", p.astype(dt), dot, preferred_element_type=acc)
+    kvh = k.shape[-2]
+    dq = _pv(ds_in, kh, acc)
+    dkh = _pq(ds_in, qt, kvh, acc)
+    dvh = _pq(p.astype(dt), dot, kvh, acc)
     spatial = t.spatial
     dq = t.from_tiles((dq * params.scale).astype(dt))
     dk = _unhalo(dkh * params.scale, t, spatial, dt)
@@ -245,24 +286,27 @@ def _backward_core(params: NAParams, t: Tiling, q, k, v, rpb, out, lse, d_out, d
 def _rows_forward(static, q, k, v, rpb):
     params, tiles, spatial, has_rpb, training = static
     t = tiling(spatial, params, tiles)
-    shape = (q.shape[0], *spatial, *q.shape[2:])
-    x = [a.reshape(shape) for a in (q, k, v)]
+    x = [_as_spatial(a, spatial) for a in (q, k, v)]
     out, lse = _forward_core(params, t, *x, rpb if has_rpb else None, training)
-    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+    return out.reshape(q.shape[:-1] + v.shape[-1:]), lse.reshape(q.shape[:-1])
 
 
 def _rows_backward(static, q, k, v, rpb, out, lse, d_out, d_lse):
     params, tiles, spatial, has_rpb = static
     t = tiling(spatial, params, tiles)
-    shape = (q.shape[0], *spatial, *q.shape[2:])
-    x = [a.reshape(shape) for a in (q, k, v, out, d_out)]
-    rows = [a.reshape(shape[:-1]) for a in (lse, d_lse)]
+    x = [_as_spatial(a, spatial) for a in (q, k, v, out, d_out)]
+    rows = [a.reshape((q.shape[0], *spatial, q.shape[2])) for a in (lse, d_lse)]
     dq, dk, dv, drpb = _backward_core(
         params, t, *x[:3], rpb if has_rpb else None, x[3], rows[0], x[4], rows[1]
     )
     if drpb is None:  # one result structure; a [B, h, 1, 1] zero is free
         drpb = jnp.zeros((1, q.shape[2], 1, 1), jnp.float32)
-    return dq.reshape(q.shape), dk.reshape(q.shape), dv.reshape(q.shape), drpb
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape), drpb
+
+
+def _as_spatial(x, spatial):
+    """Row layout `[B, N, h, D]` -> `[B, *spatial, h, D]`."""
+    return x.reshape((x.shape[0], *spatial, *x.shape[2:]))
 
 
 def _as_rows(x):
@@ -282,7 +326,7 @@ def _forward(static, q, k, v, rpb, training: bool = True):
         op, ("x", "x", "x", "rpb"), ("x", "row"),
         _as_rows(q), _as_rows(k), _as_rows(v), _rpb_operand(rpb, q.shape[-2]),
     )  # fmt: skip
-    return out.reshape(q.shape), lse.reshape(q.shape[:-1])
+    return out.reshape(q.shape[:-1] + v.shape[-1:]), lse.reshape(q.shape[:-1])
 
 
 def _backward(static, res, cts):
@@ -300,7 +344,7 @@ def _backward(static, res, cts):
         lse.reshape(b, -1, h), _as_rows(d_out.astype(q.dtype)),
         d_lse.reshape(b, -1, h).astype(lse.dtype),
     )  # fmt: skip
-    dq, dk, dv = (g.reshape(q.shape) for g in (dq, dk, dv))
+    dq, dk, dv = (g.reshape(x.shape) for g, x in ((dq, q), (dk, k), (dv, v)))
     if rpb is None:
         return dq, dk, dv, None
     return dq, dk, dv, jnp.sum(drpb[:, :, 0], axis=0).reshape(rpb.shape).astype(rpb.dtype)
@@ -314,9 +358,9 @@ def _primal(static, q, k, v, rpb):
 _na = na_custom_vjp(_forward, _backward, primal=_primal)
 
 
-def unsupported_reason(shape, dtype, params: NAParams, has_rpb: bool) -> str | None:
-    """None: the tiled path runs every call the public API accepts today."""
-    del shape, dtype, params, has_rpb
+def unsupported_reason(call: NACall) -> str | None:
+    """None: the tiled path runs every call the public API accepts."""
+    del call
     return None
 
 
@@ -324,7 +368,8 @@ def na_xla_tiled(q, k, v, rpb, params: NAParams, tiles: tuple[int, ...] | None =
     """Neighborhood attention as a blocked-halo XLA computation (accelerator layout).
 
     Args:
-      q, k, v: `[batch, *spatial, heads, head_dim]`.
+      q: `[batch, *spatial, heads, head_dim]`; k, v: `[batch, *spatial, kv_heads, head_dim]` and
+        `[batch, *spatial, kv_heads, value_dim]` (GQA/MQA: `heads % kv_heads == 0`).
       rpb: `[heads, *(2K-1)]` or None.
       params: validated window arguments.
       tiles: query-tile shape (one size per axis); default `choose_tiles`.
