@@ -103,9 +103,8 @@ def lower_case(case: gate_cases.GateCase, sharding, ignore_refusals: bool):
     api = gate_cases.import_ops()
     dtype = jnp.dtype(case.dtype)
     x = jax.ShapeDtypeStruct(case.shape, dtype, sharding=sharding)
-    params = api.make_params(
-        case.ndim, case.spatial, case.head_dim, case.kernel, case.dilation, case.causal, None
-    )
+    kx, vx = (jax.ShapeDtypeStruct(s, dtype, sharding=sharding) for s in case.kv_shapes)
+    params = case.params(api)
     rpb = None
     if case.rpb:
         rpb = jax.ShapeDtypeStruct((case.heads, *params.rpb_shape_tail), dtype, sharding=sharding)
@@ -116,8 +115,8 @@ def lower_case(case: gate_cases.GateCase, sharding, ignore_refusals: bool):
             from natjax.ops.na import pallas_triton
 
             return pallas_triton.na_pallas(q, k, v, rpb, params, check=False)
-        return fn(q, k, v, case.kernel, dilation=case.dilation, is_causal=case.causal, rpb=rpb,
-                  return_lse=True,
+        return fn(q, k, v, case.kernel, stride=case.stride, dilation=case.dilation,
+                  is_causal=case.causal, rpb=rpb, return_lse=True,
                   implementation="pallas")  # fmt: skip
 
     def loss(q, k, v, rpb):
@@ -125,7 +124,7 @@ def lower_case(case: gate_cases.GateCase, sharding, ignore_refusals: bool):
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(lse)
 
     argnums = (0, 1, 2, 3) if case.rpb else (0, 1, 2)
-    return jax.jit(jax.grad(loss, argnums=argnums)).trace(x, x, x, rpb).lower()
+    return jax.jit(jax.grad(loss, argnums=argnums)).trace(x, kx, vx, rpb).lower()
 
 
 def _kernels_in_dump(dump: str, ptxas: str) -> dict[str, dict]:

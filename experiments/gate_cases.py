@@ -11,7 +11,8 @@ implementation falls back to `xla` instead of failing to compile on a GPU.
 Cases (issue 9): NAT/DiNAT stages of every preset (all have head_dim 32 and kernel 7; DiNAT
 dilations 8/4/2), HDiT (64x64, head_dim 64, no bias), the 3-D video shape of issue 8, 1-D long
 sequences, kernel sizes 3..13 in 1-D/2-D/3-D, head_dim 16..128, the three dtypes, bias on/off,
-causal axes and dilation.
+causal axes and dilation; issue 12's stride, even kernels, GQA/MQA and a value head_dim of its
+own (refused: the kernels do not implement them).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class GateCase:
       spatial: spatial shape.
       kernel, dilation, causal: window arguments (int/bool or one per axis).
       heads, head_dim, batch: query shape `[batch, *spatial, heads, head_dim]`.
+      stride: the window stride (issue 12; 1 = NATTEN 0.17).
+      kv_heads, value_dim: key/value heads (GQA/MQA when fewer than `heads`) and the value's
+        head_dim; None = `heads` / `head_dim`.
       dtype: input dtype name.
       rpb: whether a relative positional bias is passed (and differentiated).
       accepted: whether the kernels compile clean for sm_90a (the gate's finding).
@@ -50,6 +54,9 @@ class GateCase:
     dtype: str = "bfloat16"
     rpb: bool = True
     batch: int = 2
+    stride: int | tuple[int, ...] = 1
+    kv_heads: int | None = None
+    value_dim: int | None = None
     accepted: bool = True
     quick: bool = False
     note: str = ""
@@ -61,6 +68,20 @@ class GateCase:
     @property
     def shape(self) -> tuple[int, ...]:
         return (self.batch, *self.spatial, self.heads, self.head_dim)
+
+    @property
+    def kv_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Key and value shapes."""
+        kvh = self.heads if self.kv_heads is None else self.kv_heads
+        dv = self.head_dim if self.value_dim is None else self.value_dim
+        return (self.batch, *self.spatial, kvh, self.head_dim), (self.batch, *self.spatial, kvh, dv)
+
+    def params(self, api):
+        """The case's validated window arguments (`api.make_params`)."""
+        return api.make_params(
+            self.ndim, self.spatial, self.head_dim, self.kernel, self.dilation, self.causal, None,
+            self.stride,
+        )  # fmt: skip
 
 
 def _kernel_sweep() -> list[GateCase]:
@@ -130,6 +151,13 @@ CASES: list[GateCase] = [
     GateCase(
         "na3d_k5_d2_causal", (12, 16, 16), 5, dilation=(1, 2, 2), causal=(True, False, False)
     ),  # fmt: skip
+    # Issue 12's features: not implemented in the kernels; the dispatch must refuse them (so
+    # `implementation=None` runs `xla` on a GPU).
+    GateCase("na2d_k7_s2", (56, 56), 7, stride=2, accepted=False, note="stride > 1"),
+    GateCase("na2d_k6_even", (32, 32), 6, accepted=False, note="even kernel"),
+    GateCase("na2d_k7_gqa", (56, 56), 7, heads=4, kv_heads=2, accepted=False, note="GQA"),
+    GateCase("na1d_k7_mqa", (256,), 7, heads=4, kv_heads=1, accepted=False, note="MQA"),
+    GateCase("na2d_k7_dv64", (32, 32), 7, value_dim=64, accepted=False, note="value head_dim"),
 ]
 QUICK = tuple(c.name for c in CASES if c.quick)
 BY_NAME = {c.name: c for c in CASES}
@@ -172,16 +200,14 @@ def refusal(case: GateCase) -> str | None:
     import jax
     import jax.numpy as jnp
 
-    api = import_ops()
-    params = api.make_params(
-        case.ndim, case.spatial, case.head_dim, case.kernel, case.dilation, case.causal, None
-    )
-    dtype = jnp.dtype(case.dtype)
-    if hasattr(api, "unsupported_reason"):  # the dispatch's call record (NACall)
-        from natjax.ops.na.spec import NACall
+    api = import_ops()  # first: without flax, this installs the bare `natjax` package
+    from natjax.ops.na.spec import NACall
 
-        return api.unsupported_reason(
-            "pallas", NACall.for_query(case.shape, dtype, params, case.rpb)
-        )
+    params = case.params(api)
+    dtype = jnp.dtype(case.dtype)
     q = jax.ShapeDtypeStruct(case.shape, dtype)
-    return api._unsupported_reason("pallas", q, params, case.rpb)
+    k, v = (jax.ShapeDtypeStruct(s, dtype) for s in case.kv_shapes)
+    rpb = None
+    if case.rpb:
+        rpb = jax.ShapeDtypeStruct((case.heads, *params.rpb_shape_tail), dtype)
+    return api.unsupported_reason("pallas", NACall.of(q, k, v, rpb, params))
