@@ -3,6 +3,7 @@
     python experiments/bench_na.py                        # NAT-Tiny stages + 1-D + 3-D, batch 8
     python experiments/bench_na.py --batch 128 --dtype bfloat16 --implementations pallas,xla,dense
     python experiments/bench_na.py --quick                # small shapes (what `natjax demo` runs)
+    python experiments/bench_na.py --cases 3d-video-8x16x16-s244,2d-28x28-h8-gqa2 --batch 2
 
 Times the forward and forward+backward (gradients of q, k, v and rpb) as medians over
 `--repeats` runs after a warm-up (compilation excluded), for each implementation ("auto" is
@@ -32,7 +33,9 @@ import natjax
 from natjax.ops.na.reference import dense_mask_and_bias_index
 from natjax.ops.na.spec import make_params
 
-# (name, spatial, heads, head_dim, kernel): NAT-Tiny's four stages at 224x224, plus 1-D and 3-D.
+# (name, spatial, heads, head_dim, kernel[, extras]): NAT-Tiny's four stages at 224x224, 1-D,
+# 3-D, a strided 3-D video-style case (Cosmos-like: even kernels, stride, 8 frames) and a GQA case
+# (8 query heads over 2 key/value heads). `extras` holds `stride` and `kv_heads`.
 CASES = [
     ("2d-56x56-h2", (56, 56), 2, 32, 7),
     ("2d-28x28-h4", (28, 28), 4, 32, 7),
@@ -40,6 +43,8 @@ CASES = [
     ("2d-7x7-h16", (7, 7), 16, 32, 7),
     ("1d-2048-h4", (2048,), 4, 32, 7),
     ("3d-12x12x12-h2", (12, 12, 12), 2, 32, 5),
+    ("3d-video-8x16x16-s244", (8, 16, 16), 2, 32, (4, 8, 8), dict(stride=(2, 4, 4))),
+    ("2d-28x28-h8-gqa2", (28, 28), 8, 32, 7, dict(kv_heads=2)),
 ]
 QUICK = [
     ("2d-28x28-h2", (28, 28), 2, 32, 7),
@@ -79,7 +84,7 @@ def _copy_bandwidth(nbytes: int = 1 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
-def _functions(impl: str, spatial, kernel, mask, bias_index):
+def _functions(impl: str, spatial, kernel, stride, mask, bias_index):
     ndim = len(spatial)
     op = getattr(natjax, f"na{ndim}d")
     if impl == "dense":
@@ -88,15 +93,18 @@ def _functions(impl: str, spatial, kernel, mask, bias_index):
         def fwd(q, k, v, rpb):
             b, *_, h, d = q.shape
             bias = rpb.reshape(h, -1)[:, bias_index][None]
+            # GQA: k and v have fewer heads than q (dot_product_attention takes that).
+            flat = lambda x: x.reshape(b, n, x.shape[-2], d)  # noqa: E731
             out = jax.nn.dot_product_attention(
-                q.reshape(b, n, h, d), k.reshape(b, n, h, d), v.reshape(b, n, h, d),
+                flat(q), flat(k), flat(v),
                 bias=jax.lax.stop_gradient(bias).astype(q.dtype), mask=mask[None, None],
             )  # fmt: skip
             return out.reshape(q.shape)
     else:
 
         def fwd(q, k, v, rpb):
-            return op(q, k, v, kernel, rpb=rpb, implementation=None if impl == "auto" else impl)
+            impl_ = None if impl == "auto" else impl
+            return op(q, k, v, kernel, stride=stride, rpb=rpb, implementation=impl_)
 
     def loss(q, k, v, rpb):
         return jnp.sum(fwd(q, k, v, rpb).astype(jnp.float32))
@@ -113,22 +121,30 @@ def run(args) -> list[dict]:
         cases = [c for c in cases if c[0] in args.cases.split(",")]
     rows = []
     rng = np.random.default_rng(0)
-    for name, spatial, heads, head_dim, kernel in cases:
+    for name, spatial, heads, head_dim, kernel, *extras in cases:
+        extras = extras[0] if extras else {}
+        stride, kv_heads = extras.get("stride", 1), extras.get("kv_heads", heads)
         shape = (args.batch, *spatial, heads, head_dim)
-        q, k, v = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(3))
-        rpb = jnp.asarray(rng.standard_normal((heads, *[2 * kernel - 1] * len(spatial))), dtype)
-        params = make_params(len(spatial), spatial, head_dim, kernel, 1, False, None)
+        kv_shape = (args.batch, *spatial, kv_heads, head_dim)
+        q = jnp.asarray(rng.standard_normal(shape), dtype)
+        k, v = (jnp.asarray(rng.standard_normal(kv_shape), dtype) for _ in range(2))
+        params = make_params(len(spatial), spatial, head_dim, kernel, 1, False, None, stride)
+        rpb = jnp.asarray(rng.standard_normal((heads, *params.rpb_shape_tail)), dtype)
         mask, bias_index = dense_mask_and_bias_index(spatial, params)
         item = q.dtype.itemsize
         numel = math.prod(shape)
+        kv_numel = math.prod(kv_shape)
         lse_bytes = numel // head_dim * 4
         # Forward: read q, k, v, write out + lse. Backward: read q, k, v, out, d_out + lse,
-        # write dq, dk, dv. So fwd+bwd moves 12 inputs-sized arrays and the lse twice.
-        ideal = {"fwd": 4 * numel * item + lse_bytes, "fwd+bwd": 12 * numel * item + 2 * lse_bytes}
+        # write dq, dk, dv. (k, v and their gradients are kv-head sized.)
+        ideal = {
+            "fwd": (2 * numel + 2 * kv_numel) * item + lse_bytes,
+            "fwd+bwd": (6 * numel + 6 * kv_numel) * item + 2 * lse_bytes,
+        }
         for impl in args.implementations.split(","):
             row = dict(case=name, impl=impl, batch=args.batch, dtype=args.dtype)
             try:
-                fwd, grad = _functions(impl, spatial, kernel, jnp.asarray(mask), bias_index)
+                fwd, grad = _functions(impl, spatial, kernel, stride, jnp.asarray(mask), bias_index)
                 for what, fn in (("fwd", fwd), ("fwd+bwd", grad)):
                     row[f"{what}_ms"] = _median_ms(fn, (q, k, v, rpb), args.repeats)
                     row[f"{what}_mem_mb"] = (_compiled_bytes(fn, (q, k, v, rpb)) or 0) / 2**20

@@ -24,6 +24,10 @@ import natjax
 
 DATA = Path(__file__).parent / "data" / "na"
 GOLDEN = json.loads((DATA / "manifest.json").read_text())
+# NATTEN 0.17.5 extra-KV ops and NATTEN 0.21.6 stride/even/GQA masks (see its PROVENANCE.md).
+FEATURE_DATA = Path(__file__).parent / "data" / "na_features"
+FEATURES = json.loads((FEATURE_DATA / "manifest.json").read_text())
+_FEATURE_GRADS = ("dq", "dk", "dv", "drpb", "dak", "dav")
 FUNCS = {1: natjax.na1d, 2: natjax.na2d, 3: natjax.na3d}
 
 # (rtol, atol) per input dtype for outputs and gradients. Low-precision inputs are compared with
@@ -90,6 +94,86 @@ def loss_and_grads(impl, case, q, k, v, rpb, d_out, scale=None):
     return out, lse, grads
 
 
+def random_feature_case(seed: int) -> dict:
+    """A random valid call combining the NATTEN 0.21 features: stride, even kernels, GQA/MQA,
+    a value head_dim of its own and extra tokens, with dilation, causal axes and rpb."""
+    rng = np.random.default_rng(10_000 + seed)
+    ndim = int(rng.choice([1, 2, 3], p=[0.35, 0.45, 0.2]))
+    kernel, stride, dilation, spatial = [], [], [], []
+    for _ in range(ndim):
+        k = int(rng.integers(2, 7 if ndim < 3 else 4))
+        d = int(rng.choice([1, 1, 2]))
+        kernel.append(k)
+        stride.append(int(rng.integers(1, k + 1)))
+        dilation.append(d)
+        spatial.append(int(rng.integers(k * d, k * d + (9 if ndim == 1 else 4))))
+    kv_heads = int(rng.choice([1, 2]))
+    head_dim = int(rng.choice([4, 8]))
+    return dict(
+        spatial=tuple(spatial),
+        kernel_size=tuple(kernel),
+        stride=tuple(stride),
+        dilation=tuple(dilation),
+        is_causal=tuple(bool(c) for c in rng.random(ndim) < 0.3),
+        rpb=bool(rng.random() < 0.5),
+        batch=int(rng.integers(1, 3)),
+        heads=kv_heads * int(rng.choice([1, 2, 3])),
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        value_dim=int(rng.choice([head_dim, 4, 12])),
+        n_extra=int(rng.choice([0, 0, 1, 3])),
+        scale=None,
+        seed=seed,
+    )
+
+
+def make_feature_inputs(case: dict, dtype=jnp.float32) -> dict:
+    """Inputs of a `random_feature_case`, by the golden files' names."""
+    rng = np.random.default_rng(case["seed"] + 20_000)
+    b, sp, h, kvh = case["batch"], case["spatial"], case["heads"], case["kv_heads"]
+    d, dv, e = case["head_dim"], case["value_dim"], case["n_extra"]
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    x = dict(q=normal(b, *sp, h, d), k=normal(b, *sp, kvh, d), v=normal(b, *sp, kvh, dv))
+    x["d_out"] = normal(b, *sp, h, dv)
+    if case["rpb"]:
+        x["rpb"] = normal(h, *(2 * k - 1 for k in case["kernel_size"]))
+    if e:
+        x["ak"], x["av"] = normal(b, e, kvh, d), normal(b, e, kvh, dv)
+    return x
+
+
+def feature_call(impl, case: dict, x: dict):
+    """(out, lse, {grad name: gradient of sum(out * d_out)}) for a features case."""
+    fn = FUNCS[len(case["spatial"])]
+    names = [n for n in ("q", "k", "v", "rpb", "ak", "av") if n in x]
+
+    def loss(*args):
+        a = dict(zip(names, args, strict=True))
+        out, lse = fn(a["q"], a["k"], a["v"], case["kernel_size"], stride=case["stride"],
+                      dilation=case["dilation"], is_causal=case["is_causal"], rpb=a.get("rpb"),
+                      scale=case["scale"], additional_keys=a.get("ak"),
+                      additional_values=a.get("av"), return_lse=True,
+                      implementation=impl)  # fmt: skip
+        d_out = x["d_out"].astype(jnp.float32)
+        return jnp.sum(out.astype(jnp.float32) * d_out), (out, lse)
+
+    grad_fn = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(names))), has_aux=True))
+    (_, (out, lse)), grads = grad_fn(*[x[n] for n in names])
+    return out, lse, {"d" + n: g for n, g in zip(names, grads, strict=True)}
+
+
+def feature_refusal(impl, case: dict, x: dict) -> str | None:
+    """The backend's `unsupported_reason` for a features case (None: it runs it)."""
+    from natjax.ops.na import api
+    from natjax.ops.na.spec import NACall, make_params
+
+    params = make_params(len(case["spatial"]), tuple(case["spatial"]), case["head_dim"],
+                         case["kernel_size"], case["dilation"], case["is_causal"],
+                         case["scale"], case["stride"])  # fmt: skip
+    call = NACall.of(x["q"], x["k"], x["v"], x.get("rpb"), params, case["n_extra"])
+    return api.unsupported_reason(impl, call)
+
+
 def assert_close(actual, expected, rtol, atol, what):
     actual = np.asarray(jnp.asarray(actual, jnp.float32))
     expected = np.asarray(jnp.asarray(expected, jnp.float32))
@@ -101,6 +185,7 @@ class NABackendTests:
 
     implementation: str = ""
     property_seeds: tuple[int, ...] = tuple(range(24))
+    feature_seeds: tuple[int, ...] = tuple(range(8))
     dtype_seeds: tuple[int, ...] = (3, 7)
     supports_float64: bool = True
     test_sharding: bool = True
@@ -120,6 +205,45 @@ class NABackendTests:
         assert_close(lse, z["lse"], what="lse", **tol)
         for g, name in zip(grads, ("dq", "dk", "dv", "drpb"), strict=False):
             assert_close(g, z[name], what=name, **tol)
+
+    @pytest.mark.parametrize("case", FEATURES, ids=[c["name"] for c in FEATURES])
+    def test_golden_features(self, case):
+        """NATTEN's extra-KV ops and NATTEN 0.21's stride/even/GQA masks: out, lse and every
+        gradient (extra tokens' included), or a clean refusal where the backend has one."""
+        z = np.load(FEATURE_DATA / case["file"])
+        case = dict(case, spatial=tuple(case["spatial"]))
+        x = {n: jnp.asarray(z[n]) for n in ("q", "k", "v", "rpb", "ak", "av", "d_out") if n in z}
+        reason = feature_refusal(self.implementation, case, x)
+        if reason is not None:
+            with pytest.raises(ValueError, match=r"implementation=.* cannot run this call"):
+                feature_call(self.implementation, case, x)
+            return
+        out, lse, grads = feature_call(self.implementation, case, x)
+        # Float32 results against float64 NATTEN-defined results.
+        tol = dict(rtol=1e-5, atol=4e-6)
+        assert_close(out, z["out"], what="out", **tol)
+        assert_close(lse, z["lse"], what="lse", **tol)
+        assert set(grads) == {n for n in _FEATURE_GRADS if n in z}
+        for name, g in grads.items():
+            assert_close(g, z[name], what=name, **tol)
+
+    def test_features_match_reference(self, feature_seed):
+        """Random combinations of stride, even kernels, GQA, value_dim, extra tokens, dilation,
+        causal axes and rpb against the dense reference (or a clean refusal)."""
+        case = random_feature_case(feature_seed)
+        x = make_feature_inputs(case)
+        if feature_refusal(self.implementation, case, x) is not None:
+            with pytest.raises(ValueError, match="cannot run this call"):
+                feature_call(self.implementation, case, x)
+            return
+        got = feature_call(self.implementation, case, x)
+        want = feature_call("reference", case, x)
+        rtol, atol = TOLERANCES[jnp.float32]
+        assert_close(got[0], want[0], rtol, atol, f"out {case}")
+        assert_close(got[1], want[1], rtol, atol, f"lse {case}")
+        assert set(got[2]) == set(want[2])
+        for name, g in got[2].items():
+            assert_close(g, want[2][name], rtol, atol, f"{name} {case}")
 
     # -- properties against the dense reference ---------------------------------------------
 

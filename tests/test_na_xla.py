@@ -23,6 +23,7 @@ class TestReference(NABackendTests):
 
     implementation = "reference"
     property_seeds = ()  # comparing the reference with itself proves nothing
+    feature_seeds = ()
     dtype_seeds = (3,)
     test_sharding = True
 

@@ -77,7 +77,9 @@ def test_optional_parameters_dropout_and_dtypes():
     "kwargs, match",
     [
         (dict(dim=10, num_heads=4), "not divisible by `num_heads`"),
-        (dict(kernel_size=4), "`kernel_size`=4; expected odd"),
+        (dict(kernel_size=0), "`kernel_size`=0; expected ints >= 1"),
+        (dict(stride=4), "`stride`=4; expected ints >= 1 and <= kernel_size"),
+        (dict(num_kv_heads=3), "`num_kv_heads`=3; expected None or a positive int dividing"),
         (dict(kernel_size=(3, 3, 3)), "`kernel_size`.*one per spatial axis"),
         (dict(dilation=0), "`dilation`=0"),
         (dict(is_causal=1), "`is_causal`=1"),
@@ -90,6 +92,20 @@ def test_bad_arguments_name_the_argument(kwargs, match):
     args = dict(dim=8, num_heads=2, kernel_size=3) | kwargs
     with pytest.raises(ValueError, match=match):
         NeighborhoodAttention2D(**args, rngs=nnx.Rngs(0))
+
+
+def test_stride_and_gqa_pass_through_to_the_op():
+    """`stride` and `num_kv_heads` reach `natjax.na2d`: the module equals the op on its own
+    projections (key/value projections of num_kv_heads * head_dim channels)."""
+    m = NeighborhoodAttention2D(16, 4, 4, stride=2, num_kv_heads=2, rel_pos_bias=True,
+                                rngs=nnx.Rngs(0))  # fmt: skip
+    assert m.key.kernel.shape == (16, 8) and m.value.kernel.shape == (16, 8)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 9, 8, 16)), jnp.float32)
+    split = lambda t: t.reshape(*t.shape[:-1], -1, 4)  # noqa: E731
+    want = natjax.na2d(split(m.query(x)), split(m.key(x)), split(m.value(x)), 4, stride=2,
+                       rpb=m.rpb.get_value(), implementation="reference")  # fmt: skip
+    want = m.output(want.reshape(1, 9, 8, 16))
+    np.testing.assert_allclose(np.asarray(m(x)), np.asarray(want), rtol=2e-5, atol=2e-5)
 
 
 def test_bad_input_shape():

@@ -26,8 +26,9 @@ from natjax.nn.options import NAOptions
 class _NeighborhoodAttention(nn.Module):
     """Shared implementation; use `NeighborhoodAttention1D/2D/3D`.
 
-    Attributes: as `natjax.nn.NeighborhoodAttention2D`'s arguments (`kernel_size`, `dilation`,
-    `is_causal`: one value or one per axis); `rpb_init=None` gives a zero bias.
+    Attributes: as `natjax.nn.NeighborhoodAttention2D`'s arguments (`kernel_size`, `stride`,
+    `dilation`, `is_causal`: one value or one per axis; `num_kv_heads` for GQA/MQA);
+    `rpb_init=None` gives a zero bias.
     """
 
     dim: int
@@ -45,6 +46,8 @@ class _NeighborhoodAttention(nn.Module):
     implementation: str | None = None
     kernel_init: Callable[..., jax.Array] = DEFAULT_KERNEL_INIT
     rpb_init: Callable[..., jax.Array] | None = DEFAULT_RPB_INIT
+    stride: int | Sequence[int] = 1
+    num_kv_heads: int | None = None
 
     ndim = 0  # set by the subclasses (a plain class attribute, not a dataclass field)
 
@@ -52,7 +55,8 @@ class _NeighborhoodAttention(nn.Module):
         return NAOptions.create(
             self.ndim, self.dim, self.num_heads, self.kernel_size, self.dilation,
             self.is_causal, self.rel_pos_bias, self.qkv_bias, self.qk_scale, self.attn_drop,
-            self.proj_drop, self.implementation,
+            self.proj_drop, self.implementation, stride=self.stride,
+            num_kv_heads=self.num_kv_heads,
         )  # fmt: skip
 
     @nn.compact
@@ -69,15 +73,15 @@ class _NeighborhoodAttention(nn.Module):
         opts = self._options()
         opts.check_input(x)
 
-        def dense(name: str, use_bias: bool) -> nn.Dense:
+        def dense(name: str, use_bias: bool, features: int = self.dim) -> nn.Dense:
             return nn.Dense(
-                self.dim, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                features, use_bias=use_bias, dtype=self.dtype, param_dtype=self.param_dtype,
                 kernel_init=self.kernel_init, bias_init=nn.initializers.zeros_init(), name=name,
             )  # fmt: skip
 
         q = dense("query", self.qkv_bias)(x)
-        k = dense("key", self.qkv_bias)(x)
-        v = dense("value", self.qkv_bias)(x)
+        k = dense("key", self.qkv_bias, opts.kv_dim)(x)
+        v = dense("value", self.qkv_bias, opts.kv_dim)(x)
         rpb = None
         if self.rel_pos_bias:
             init = self.rpb_init or (lambda _, shape, dtype: jnp.zeros(shape, dtype))

@@ -3,7 +3,8 @@
 NATTEN's `natten.NeighborhoodAttention2D(dim, num_heads, kernel_size, dilation=1,
 is_causal=False, rel_pos_bias=False, qkv_bias=True, qk_scale=None, attn_drop=0.0,
 proj_drop=0.0)`, channels-last input `[batch, *spatial, dim]`, plus NNX's `rngs`, `dtype`,
-`param_dtype` and the backend choice `implementation`.
+`param_dtype`, the backend choice `implementation`, and NATTEN 0.21's `stride` and GQA/MQA's
+`num_kv_heads` (key/value projections of `num_kv_heads * head_dim` channels).
 
 Parameters use the layout of every published NAT/DiNAT checkpoint (Hugging Face's): separate
 `query`, `key`, `value` projections (NATTEN fuses them into one `qkv`), `rpb` with NATTEN's shape
@@ -63,6 +64,8 @@ class _NeighborhoodAttention(nnx.Module):
         implementation: str | None = None,
         kernel_init: Initializer = DEFAULT_KERNEL_INIT,
         rpb_init: Initializer | None = DEFAULT_RPB_INIT,
+        stride: IntOrSeq = 1,
+        num_kv_heads: int | None = None,
     ):
         """Builds the projections and (with `rel_pos_bias`) the bias.
 
@@ -76,22 +79,25 @@ class _NeighborhoodAttention(nnx.Module):
           kernel_init: initialiser of the projection kernels (biases start at zero).
           rpb_init: initialiser of the bias; None gives zeros without drawing a random key
             (Hugging Face's NAT initialisation).
+          stride: one value or one per axis, `1 <= stride <= kernel_size` (strided NA).
+          num_kv_heads: key/value heads for GQA/MQA (None: `num_heads`).
         """
         self.options = NAOptions.create(
             self.ndim, dim, num_heads, kernel_size, dilation, is_causal, rel_pos_bias,
-            qkv_bias, qk_scale, attn_drop, proj_drop, implementation,
+            qkv_bias, qk_scale, attn_drop, proj_drop, implementation, stride=stride,
+            num_kv_heads=num_kv_heads,
         )  # fmt: skip
 
-        def linear(use_bias: bool, names: tuple[str, str]) -> nnx.Linear:
+        def linear(use_bias: bool, names: tuple[str, str], out: int = dim) -> nnx.Linear:
             return nnx.Linear(
-                dim, dim, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                dim, out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
                 kernel_init=_sharded(kernel_init, names),
                 bias_init=_sharded(nnx.initializers.zeros_init(), (names[1],)), rngs=rngs,
             )  # fmt: skip
 
         self.query = linear(qkv_bias, ("embed", "heads"))
-        self.key = linear(qkv_bias, ("embed", "heads"))
-        self.value = linear(qkv_bias, ("embed", "heads"))
+        self.key = linear(qkv_bias, ("embed", "heads"), self.options.kv_dim)
+        self.value = linear(qkv_bias, ("embed", "heads"), self.options.kv_dim)
         rpb = None
         if rel_pos_bias:
             shape = self.options.rpb_shape

@@ -1,9 +1,10 @@
 """Constructor arguments of the neighborhood-attention modules, validated once for NNX and Linen.
 
 `NAOptions` holds NATTEN 0.17's `NeighborhoodAttention{1,2,3}D` arguments (plus the backend
-choice) after checking them, and runs the attention core shared by `natjax.nn` and
-`natjax.linen`: split heads, `natjax.na{1,2,3}d` with the bias and scale, merge heads. The
-projections live in the modules because NNX and Linen build parameters differently.
+choice, NATTEN 0.21's `stride` and GQA's `num_kv_heads`) after checking them, and runs the
+attention core shared by `natjax.nn` and `natjax.linen`: split heads, `natjax.na{1,2,3}d` with
+the bias and scale, merge heads. The projections live in the modules because NNX and Linen
+build parameters differently.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ class NAOptions:
       ndim: number of spatial axes (1, 2 or 3).
       dim: model width (input and output channels).
       num_heads: attention heads; `dim` must be divisible by it.
-      kernel_size, dilation: per spatial axis (odd kernel sizes >= 1, dilations >= 1; the op
-        checks them against the input size at call time).
+      kernel_size, dilation: per spatial axis (kernel sizes >= 1, odd or even; dilations >= 1;
+        the op checks them against the input size at call time).
       is_causal: per spatial axis.
       rel_pos_bias: learn a relative positional bias `[num_heads, 2k-1, ...]`.
       qkv_bias: biases on the query/key/value projections.
@@ -55,6 +56,8 @@ class NAOptions:
         probabilities, so it is not applied (a warning says so, as NATTEN's fused path does).
       proj_drop: dropout on the output projection.
       implementation: `natjax.na*d` backend (None picks the fastest available).
+      stride: per spatial axis, `1 <= stride <= kernel_size` (NATTEN 0.21's strided NA).
+      num_kv_heads: key/value heads (GQA/MQA); `num_heads` must be a multiple of it.
     """
 
     ndim: int
@@ -69,6 +72,15 @@ class NAOptions:
     attn_drop: float
     proj_drop: float
     implementation: str | None
+    stride: tuple[int, ...] = ()
+    num_kv_heads: int = 0
+
+    def __post_init__(self):
+        # Defaults for direct construction (frozen: through object.__setattr__).
+        if not self.stride:
+            object.__setattr__(self, "stride", (1,) * self.ndim)
+        if not self.num_kv_heads:
+            object.__setattr__(self, "num_kv_heads", self.num_heads)
 
     @classmethod
     def create(
@@ -85,6 +97,9 @@ class NAOptions:
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         implementation: str | None = None,
+        *,
+        stride: IntOrSeq = 1,
+        num_kv_heads: int | None = None,
     ) -> NAOptions:
         """Checks every argument; raises one `ValueError` naming the argument otherwise."""
         owner = f"NeighborhoodAttention{ndim}D"
@@ -94,8 +109,24 @@ class NAOptions:
         if dim % num_heads:
             raise ValueError(f"{owner}: `dim`={dim} is not divisible by `num_heads`={num_heads}.")
         kernel = _per_axis("kernel_size", kernel_size, ndim, int, owner)
-        if any(k < 1 or k % 2 == 0 for k in kernel):
-            raise ValueError(f"{owner}: `kernel_size`={kernel_size!r}; expected odd ints >= 1.")
+        if any(k < 1 for k in kernel):
+            raise ValueError(f"{owner}: `kernel_size`={kernel_size!r}; expected ints >= 1.")
+        strides = _per_axis("stride", stride, ndim, int, owner)
+        if any(not 1 <= s <= k for s, k in zip(strides, kernel, strict=True)):
+            raise ValueError(
+                f"{owner}: `stride`={stride!r}; expected ints >= 1 and <= kernel_size={kernel}."
+            )
+        kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if (
+            not isinstance(kv_heads, int)
+            or isinstance(kv_heads, bool)
+            or kv_heads <= 0
+            or num_heads % kv_heads
+        ):
+            raise ValueError(
+                f"{owner}: `num_kv_heads`={num_kv_heads!r}; expected None or a positive int "
+                f"dividing `num_heads`={num_heads}."
+            )
         dil = _per_axis("dilation", dilation, ndim, int, owner)
         if any(d < 1 for d in dil):
             raise ValueError(f"{owner}: `dilation`={dilation!r}; expected ints >= 1.")
@@ -128,7 +159,7 @@ class NAOptions:
         return cls(
             ndim, dim, num_heads, kernel, dil, causal, rel_pos_bias, qkv_bias,
             None if qk_scale is None else float(qk_scale), float(attn_drop), float(proj_drop),
-            implementation,
+            implementation, strides, kv_heads,
         )  # fmt: skip
 
     @property
@@ -140,6 +171,11 @@ class NAOptions:
     def head_dim(self) -> int:
         """Channels per head."""
         return self.dim // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        """Width of the key/value projections, `num_kv_heads * head_dim`."""
+        return self.num_kv_heads * self.head_dim
 
     @property
     def scale(self) -> float:
@@ -161,18 +197,20 @@ class NAOptions:
             )
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, rpb: jax.Array | None) -> jax.Array:
-        """Neighborhood attention over projected `[batch, *spatial, dim]` queries/keys/values.
+        """Neighborhood attention over projected queries `[batch, *spatial, dim]` and keys/values
+        `[batch, *spatial, kv_dim]`.
 
         Returns:
           `[batch, *spatial, dim]`, heads merged back (before the output projection).
         """
-        split = lambda t: t.reshape(*t.shape[:-1], self.num_heads, self.head_dim)  # noqa: E731
+        split = lambda t: t.reshape(*t.shape[:-1], -1, self.head_dim)  # noqa: E731
         # NATTEN (and HF NAT) scale q before adding the bias: logits = scale * q.k + rpb.
         out = _OPS[self.ndim](
             split(q),
             split(k),
             split(v),
             self.kernel_size,
+            stride=self.stride,
             dilation=self.dilation,
             is_causal=self.is_causal,
             rpb=None if rpb is None else rpb.astype(q.dtype),

@@ -2,7 +2,10 @@
 
 Layout and plan (all index structure is static numpy, computed at trace time):
 
-1. Inputs `[B, *S, h, D]` are moved to `[B, h, *S, D]`.
+1. Inputs `[B, *S, h, D]` are moved to `[B, G, g, *S, D]`, query heads split as `G` kv heads
+   times `g` query heads per kv head (GQA/MQA; `g = 1` for multi-head attention); keys and values
+   are `[B, G, 1, *S, D]` and every product broadcasts them over the group, never repeating them.
+   Their gradients are summed over the group.
 2. Dilation is removed exactly: along an axis with dilation `d`, positions with equal `i % d` form
    an independent sub-map (NATTEN's dilation groups), so the axis is reshaped to `[rows, d]`, the
    group axis folded into the batch, and each group runs with dilation 1. Groups of unequal length
@@ -42,11 +45,14 @@ from natjax.ops.na.xla_blocks import LastAxisBand, OuterShift
 # --------------------------------------------------------------------------------------------
 
 
+_SPATIAL0 = 3  # first spatial axis of the [B, G, g, *S, D] layout
+
+
 class _DilationSplit:
     """Splits spatial axes into dilation groups folded into the batch, and merges them back.
 
-    Arrays have layout `[batch, heads, *spatial, *trailing]`. After `split`, every piece has
-    dilation 1 on every axis; pieces are ordered so that `merge` can rebuild the original array.
+    Arrays have layout `[batch, kv_heads, group, *spatial, *trailing]`. After `split`, every piece
+    has dilation 1 on every axis; pieces are ordered so that `merge` can rebuild the original.
     """
 
     def __init__(self, spatial: tuple[int, ...], dilation: tuple[int, ...]):
@@ -70,7 +76,7 @@ class _DilationSplit:
         return pieces
 
     def _split_axis(self, x, axis):
-        ax = 2 + axis
+        ax = _SPATIAL0 + axis
         length, d = self.spatial[axis], self.dilation[axis]
         rows = -(-length // d)
         pad = [(0, 0)] * x.ndim
@@ -94,7 +100,7 @@ class _DilationSplit:
         return x
 
     def _merge_axis(self, pieces, axis):
-        ax = 2 + axis
+        ax = _SPATIAL0 + axis
         length, d = self.spatial[axis], self.dilation[axis]
         rows = -(-length // d)
         parts = []
@@ -116,7 +122,8 @@ class _DilationSplit:
 
 
 class _Core:
-    """Static structure of neighborhood attention with dilation 1 on a `[B, h, *S, D]` map."""
+    """Static structure of neighborhood attention with dilation 1 on a `[B, G, g, *S, D]` map
+    (keys and values `[B, G, 1, *S, D]`)."""
 
     def __init__(self, spatial: tuple[int, ...], kernel_size, is_causal):
         self.spatial = spatial
@@ -128,7 +135,7 @@ class _Core:
         ]
         # Outer axes: shifted copies per kernel offset, looped over in row-major KV order.
         self.outer = [
-            OuterShift(2 + ax, n, k, c)
+            OuterShift(_SPATIAL0 + ax, n, k, c)
             for ax, (n, k, c) in enumerate(
                 zip(spatial[:-1], kernel_size[:-1], is_causal[:-1], strict=True)
             )
@@ -190,12 +197,17 @@ class _Core:
         return p.reshape(p.shape[:-1] + (self.n_outer, self.kernel_size[-1]))
 
     def _flat(self, x):
-        return x.reshape(x.shape[:2] + (-1, x.shape[-1]))
+        return x.reshape(x.shape[:_SPATIAL0] + (-1, x.shape[-1]))
+
+    @staticmethod
+    def _group_sum(y):
+        """Sum over the query heads sharing a kv head: query-shaped -> key-shaped."""
+        return jnp.sum(y, axis=_SPATIAL0 - 1, keepdims=True)
 
     def qk(self, a, b):
-        """scores[..., i, o] = a[i] . b[key(i, o)], `[B, h, *S, KV]`."""
+        """scores[..., i, o] = a[i] . b[key(i, o)], `[B, G, g, *S, KV]`."""
         if self.full_window:
-            s = jnp.einsum("bhnd,bhmd->bhnm", self._flat(a), self._flat(b))
+            s = jnp.einsum("...nd,...md->...nm", self._flat(a), self._flat(b))
             return s.reshape(a.shape[:-1] + (-1,))
         if not self.outer:
             return self.band.qk(a, b)
@@ -209,8 +221,9 @@ class _Core:
 
     def av(self, p, v):
         """out[i] = sum_o p[i, o] v[key(i, o)]."""
+        shape = p.shape[:-1] + v.shape[-1:]
         if self.full_window:
-            return jnp.einsum("bhnm,bhmd->bhnd", self._flat(p), self._flat(v)).reshape(v.shape)
+            return jnp.einsum("...nm,...md->...nd", self._flat(p), self._flat(v)).reshape(shape)
         if not self.outer:
             return self.band.av(p, v)
         p, vp = self._per_outer(p), self._prepare(v)
@@ -219,21 +232,24 @@ class _Core:
             p_i = jax.lax.dynamic_index_in_dim(p, i, axis=-2, keepdims=False)
             return acc + self.band.av(p_i, self._shift(vp, i))
 
-        return jax.lax.fori_loop(0, self.n_outer, body, jnp.zeros_like(v, dtype=p.dtype))
+        return jax.lax.fori_loop(0, self.n_outer, body, jnp.zeros(shape, p.dtype))
 
     def av_t(self, p, a):
-        """out[j] = sum over (i, o) with key(i, o) = j of p[i, o] a[i] (inverse neighborhood)."""
+        """out[j] = sum over (i, o) with key(i, o) = j of p[i, o] a[i] (inverse neighborhood),
+        summed over the query heads of each kv head: key-shaped `[B, G, 1, *S, F]`."""
         if self.full_window:
-            return jnp.einsum("bhnm,bhnd->bhmd", self._flat(p), self._flat(a)).reshape(a.shape)
+            y = jnp.einsum("...nm,...nd->...md", self._flat(p), self._flat(a)).reshape(a.shape)
+            return self._group_sum(y)
         if not self.outer:
-            return self.band.av_t(p, a)
+            return self._group_sum(self.band.av_t(p, a))
         p = self._per_outer(p)
+        shape = a.shape[: _SPATIAL0 - 1] + (1,) + a.shape[_SPATIAL0:]
 
         def body(i, acc):
             p_i = jax.lax.dynamic_index_in_dim(p, i, axis=-2, keepdims=False)
-            return acc + self._unshift(self.band.av_t(p_i, a), i)
+            return acc + self._unshift(self._group_sum(self.band.av_t(p_i, a)), i)
 
-        return jax.lax.fori_loop(0, self.n_outer, body, jnp.zeros_like(a, dtype=p.dtype))
+        return jax.lax.fori_loop(0, self.n_outer, body, jnp.zeros(shape, p.dtype))
 
     def bias(self, rpb):
         """`[h, *S, KV]` bias from `rpb[h, *(2K-1)]` (a product of one-hot matrices)."""
@@ -248,7 +264,7 @@ class _Core:
     def logits(self, q_scaled, k, rpb):
         s = self.qk(q_scaled, k)
         if rpb is not None:
-            s = s + self.bias(rpb)[None]
+            s = s + self.bias(rpb).reshape(s.shape[1:])[None]  # [h, ...] -> [G, g, ...]
         if self.mask is not None:
             s = jnp.where(self.mask, s, -jnp.inf)
         return s
@@ -270,7 +286,11 @@ class _Core:
         dq = self.av(ds, k) * scale
         dk = self.av_t(ds, q * scale)
         dv = self.av_t(p, d_out)
-        drpb = None if rpb is None else self.dbias(jnp.sum(ds, axis=0), ds.dtype)
+        if rpb is None:
+            drpb = None
+        else:  # [G, g, *S, KV] -> [h, *S, KV]
+            ds_sum = jnp.sum(ds, axis=0)
+            drpb = self.dbias(ds_sum.reshape((-1,) + ds_sum.shape[2:]), ds.dtype)
         return dq, dk, dv, drpb
 
 
@@ -283,13 +303,27 @@ def _compute_dtype(dtype):
     return jnp.float64 if dtype == jnp.float64 else jnp.float32
 
 
-def _to_bh(x):
-    """[B, *S, h, ...] -> [B, h, *S, ...] for the (ndim + 3)-rank inputs."""
-    return jnp.moveaxis(x, -2, 1)
+def _to_bh(x, kv_heads: int):
+    """`[B, *S, h, F]` -> `[B, G, h // G, *S, F]` with `G = kv_heads`."""
+    x = x.reshape(x.shape[:-2] + (kv_heads, x.shape[-2] // kv_heads, x.shape[-1]))
+    return jnp.moveaxis(x, (-3, -2), (1, 2))
 
 
 def _from_bh(x):
-    return jnp.moveaxis(x, 1, -2)
+    """Inverse of `_to_bh`: `[B, G, g, *S, F]` -> `[B, *S, G * g, F]`."""
+    x = jnp.moveaxis(x, (1, 2), (-3, -2))
+    return x.reshape(x.shape[:-3] + (-1, x.shape[-1]))
+
+
+def _rows_to_bh(x, kv_heads: int):
+    """Per-query statistics `[B, *S, h]` -> `[B, G, g, *S]`."""
+    x = x.reshape(x.shape[:-1] + (kv_heads, -1))
+    return jnp.moveaxis(x, (-2, -1), (1, 2))
+
+
+def _rows_from_bh(x):
+    x = jnp.moveaxis(x, (1, 2), (-2, -1))
+    return x.reshape(x.shape[:-2] + (-1,))
 
 
 @functools.lru_cache(maxsize=256)
@@ -299,7 +333,7 @@ def _core(spatial: tuple[int, ...], kernel_size, is_causal) -> _Core:
 
 
 def _piece_core(piece, params: NAParams) -> _Core:
-    return _core(tuple(piece.shape[2:-1]), params.kernel_size, params.is_causal)
+    return _core(tuple(piece.shape[_SPATIAL0:-1]), params.kernel_size, params.is_causal)
 
 
 # Cache blocking on CPU: when a call's working set (logits + q/k/v/out) exceeds
@@ -359,8 +393,8 @@ def _map_batch(fn, arrays, chunk: int | None, pad_values=None):
 
 
 def _piece_chunk(piece, params: NAParams) -> int | None:
-    _, heads, *spatial, head_dim = piece.shape
-    per_item = heads * math.prod(spatial) * (params.kernel_volume + 4 * head_dim) * 4
+    _, kv_heads, group, *spatial, head_dim = piece.shape
+    per_item = kv_heads * group * math.prod(spatial) * (params.kernel_volume + 4 * head_dim) * 4
     return _cpu_chunk(piece.shape[0], per_item)
 
 
@@ -369,7 +403,8 @@ def _forward(params: NAParams, q, k, v, rpb):
     ct = _compute_dtype(q.dtype)
     split = _DilationSplit(spatial, params.dilation)
     rpb_c = None if rpb is None else rpb.astype(ct)
-    qs, ks, vs = (split.split(_to_bh(x).astype(ct)) for x in (q, k, v))
+    kvh = k.shape[-2]
+    qs, ks, vs = (split.split(_to_bh(x, kvh).astype(ct)) for x in (q, k, v))
     outs, lses = [], []
     for qp, kp, vp in zip(qs, ks, vs, strict=True):
         core = _piece_core(qp, params)
@@ -378,7 +413,7 @@ def _forward(params: NAParams, q, k, v, rpb):
         outs.append(o)
         lses.append(lse)
     out = _from_bh(split.merge(outs)).astype(q.dtype)
-    lse = jnp.moveaxis(split.merge(lses), 1, -1)
+    lse = _rows_from_bh(split.merge(lses))
     return out, lse
 
 
@@ -389,8 +424,9 @@ def _backward(params: NAParams, res, cts):
     ct = _compute_dtype(q.dtype)
     split = _DilationSplit(spatial, params.dilation)
     rpb_c = None if rpb is None else rpb.astype(ct)
-    pieces = [split.split(_to_bh(x).astype(ct)) for x in (q, k, v, out, d_out)] + [
-        split.split(jnp.moveaxis(x.astype(ct), -1, 1)) for x in (lse, d_lse)
+    kvh = k.shape[-2]
+    pieces = [split.split(_to_bh(x, kvh).astype(ct)) for x in (q, k, v, out, d_out)] + [
+        split.split(_rows_to_bh(x.astype(ct), kvh)) for x in (lse, d_lse)
     ]
     grads = [[], [], []]
     drpb = None
@@ -408,7 +444,7 @@ def _backward(params: NAParams, res, cts):
             acc.append(g)
         if dr is not None:
             drpb = dr if drpb is None else drpb + dr
-    dq, dk, dv = (_from_bh(split.merge(g)).astype(q.dtype) for g in grads)
+    dq, dk, dv = (_from_bh(split.merge(g)).astype(q.dtype) for g in grads)  # dk, dv: [B, *S, G, D]
     if rpb is not None:
         drpb = drpb.astype(rpb.dtype)
     return dq, dk, dv, drpb
@@ -420,11 +456,11 @@ _na = na_custom_vjp(_forward, _backward)
 def supports(call: NACall) -> bool:
     """Whether the band formulation runs this call (else `platform` uses the tiled path).
 
-    The band assumes one window per query sliding by one position, odd kernels, and key/value
-    heads shaped like the query's.
+    The band assumes windows that slide by one position per query. With a stride, the queries of
+    a stride group share one window: blocks of queries with a common key halo, which is exactly
+    the blocked-halo formulation (`xla_tiled`), so strided calls go there.
     """
-    p = call.params
-    return not (p.has_stride or p.has_even_kernel or call.is_gqa or call.value_dim != call.head_dim)
+    return not call.params.has_stride
 
 
 def na_xla(q, k, v, rpb, params: NAParams):

@@ -21,8 +21,9 @@ class OuterShift:
 
     The kernel offset `a` may be traced, so the offset loop is a `fori_loop` whose body is traced
     once and whose temporaries are reused across iterations. Non-causal (NATTEN's windows shifted
-    inwards at the borders): the first/last `K // 2` rows repeat rows `a` and `L - K + a`, the rest
-    is the contiguous slice starting at `a`. Causal: a slice of the input zero-padded by `K - 1`
+    inwards at the borders): the first `K // 2` and last `K - 1 - K // 2` rows (one fewer for even
+    kernels) repeat rows `a` and `L - K + a`, the rest is the contiguous slice starting at `a`.
+    Causal: a slice of the input zero-padded by `K - 1`
     rows in front (`prepare`), so positions before the start read zeros (they are masked).
 
     Args:
@@ -46,15 +47,20 @@ class OuterShift:
     def __call__(self, xp: jax.Array, a) -> jax.Array:
         """Shifted rows of a `prepare`d array for offset `a` (int or traced int)."""
         L, K, ax = self.L, self.K, self.axis
-        border = 0 if self.causal else K // 2
-        if not border:
+        lo, hi = (0, 0) if self.causal else (K // 2, K - 1 - K // 2)
+        if not lo and not hi:
             return jax.lax.dynamic_slice_in_dim(xp, a, L, axis=ax)
-        shape = list(xp.shape)
-        shape[ax] = border
-        lo = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(xp, a, 1, axis=ax), shape)
-        hi = jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(xp, L - K + a, 1, axis=ax), shape)
-        mid = jax.lax.dynamic_slice_in_dim(xp, a, L - 2 * border, axis=ax)
-        return jnp.concatenate([lo, mid, hi], axis=ax)
+
+        def rows(start, n):
+            shape = list(xp.shape)
+            shape[ax] = n
+            return jnp.broadcast_to(jax.lax.dynamic_slice_in_dim(xp, start, 1, axis=ax), shape)
+
+        parts = [rows(a, lo)] if lo else []
+        parts.append(jax.lax.dynamic_slice_in_dim(xp, a, L - lo - hi, axis=ax))
+        if hi:
+            parts.append(rows(L - K + a, hi))
+        return jnp.concatenate(parts, axis=ax)
 
 
 def default_tile(length: int, kernel_size: int, kernel_volume: int) -> int:
@@ -72,9 +78,12 @@ def default_tile(length: int, kernel_size: int, kernel_volume: int) -> int:
 class LastAxisBand:
     """Banded products along the last spatial axis (array axis -2, features last), dilation 1.
 
+    Operands may differ in size-1 leading axes (broadcast by the matmuls): key/value arrays
+    `[B, kv_heads, 1, ...]` against queries `[B, kv_heads, group, ...]` (GQA/MQA, no repeat).
+
     Args:
       length: axis length `L`.
-      kernel_size: window `K` (`K <= L`).
+      kernel_size: window `K` (`K <= L`; odd or even).
       causal: causal window (keys `i - K + 1 .. i`) instead of NATTEN's shifted centred window.
       kernel_volume: product of the kernel sizes of all axes (bounds the tile size).
       tile: queries per tile `T` (default `default_tile`).
@@ -95,8 +104,10 @@ class LastAxisBand:
         self.nb = -(-length // self.T)
         # Centred window: key(i, o) = i - c0 + o inside the map's interior.
         self.c0 = kernel_size - 1 if causal else kernel_size // 2
-        # Non-causal borders: the first/last K // 2 queries use the window of query K // 2.
-        self.border = 0 if causal else kernel_size // 2
+        # Non-causal borders: the first K // 2 queries use the first window, the last
+        # K - 1 - K // 2 the last one (one fewer than K // 2 for even kernels).
+        self.lo = 0 if causal else kernel_size // 2
+        self.hi = 0 if causal else kernel_size - 1 - kernel_size // 2
 
     # -- layout helpers -------------------------------------------------------------------
 
@@ -148,9 +159,9 @@ class LastAxisBand:
         return x[..., : self.L, :]
 
     def _with_borders(self, interior, left, right):
-        """Replaces the first/last `border` rows of `interior` (axis -2)."""
-        bd, L = self.border, self.L
-        return jnp.concatenate([left, interior[..., bd : L - bd, :], right], axis=-2)
+        """Replaces the first `lo` / last `hi` rows of `interior` (axis -2)."""
+        lo, hi, L = self.lo, self.hi, self.L
+        return jnp.concatenate([left, interior[..., lo : L - hi, :], right], axis=-2)
 
     # -- the three products --------------------------------------------------------------
 
@@ -159,36 +170,37 @@ class LastAxisBand:
         m = jnp.einsum("...td,...sd->...ts", self._tiles(a), self._halo_tiles(b))
         s = self._skew(m)
         s = s.reshape(s.shape[:-3] + (self.nb * self.T, self.K))[..., : self.L, :]
-        if not self.border:
+        if not self.lo and not self.hi:
             return s
-        bd, L, K = self.border, self.L, self.K
-        left = jnp.einsum("...xd,...od->...xo", a[..., :bd, :], b[..., :K, :])
-        right = jnp.einsum("...xd,...od->...xo", a[..., L - bd :, :], b[..., L - K :, :])
+        lo, hi, L, K = self.lo, self.hi, self.L, self.K
+        left = jnp.einsum("...xd,...od->...xo", a[..., :lo, :], b[..., :K, :])
+        right = jnp.einsum("...xd,...od->...xo", a[..., L - hi :, :], b[..., L - K :, :])
         return self._with_borders(s, left, right)
 
     def av(self, p, b):
         """`[..., L, K] x [..., L, F] -> [..., L, F]`: y[i] = sum_o p[i, o] b[key(i, o)]."""
         y = jnp.einsum("...ts,...sd->...td", self._unskew(self._tiles(p)), self._halo_tiles(b))
         y = self._untile(y)
-        if not self.border:
+        if not self.lo and not self.hi:
             return y
-        bd, L, K = self.border, self.L, self.K
-        left = jnp.einsum("...xo,...od->...xd", p[..., :bd, :], b[..., :K, :])
-        right = jnp.einsum("...xo,...od->...xd", p[..., L - bd :, :], b[..., L - K :, :])
+        lo, hi, L, K = self.lo, self.hi, self.L, self.K
+        left = jnp.einsum("...xo,...od->...xd", p[..., :lo, :], b[..., :K, :])
+        right = jnp.einsum("...xo,...od->...xd", p[..., L - hi :, :], b[..., L - K :, :])
         return self._with_borders(y, left, right)
 
     def av_t(self, p, a):
         """`[..., L, K] x [..., L, F] -> [..., L, F]`: the transpose of `av` in its second
         argument, y[j] = sum over (i, o) with key(i, o) = j of p[i, o] a[i]."""
-        bd, L, K = self.border, self.L, self.K
+        lo, hi, L, K = self.lo, self.hi, self.L, self.K
         p_int = p
-        if bd:
-            zeros = jnp.zeros_like(p[..., :bd, :])  # keeps p's sharding on explicit meshes
-            p_int = self._with_borders(p, zeros, zeros)
+        if lo or hi:
+            # zeros_like keeps p's sharding on explicit meshes
+            zl, zr = jnp.zeros_like(p[..., :lo, :]), jnp.zeros_like(p[..., L - hi :, :])
+            p_int = self._with_borders(p, zl, zr)
         h = jnp.einsum("...ts,...td->...sd", self._unskew(self._tiles(p_int)), self._tiles(a))
         y = self._overlap_add(h)
-        if not bd:
+        if not lo and not hi:
             return y
-        left = jnp.einsum("...xo,...xd->...od", p[..., :bd, :], a[..., :bd, :])
-        right = jnp.einsum("...xo,...xd->...od", p[..., L - bd :, :], a[..., L - bd :, :])
+        left = jnp.einsum("...xo,...xd->...od", p[..., :lo, :], a[..., :lo, :])
+        right = jnp.einsum("...xo,...xd->...od", p[..., L - hi :, :], a[..., L - hi :, :])
         return y + self._pad_axis(left, 0, L - K) + self._pad_axis(right, L - K, 0)
