@@ -16,7 +16,8 @@ One run measures, side by side:
     xla / ffi and best(xla, dense) / ffi, and ffi's achieved GFLOP/s: useful arithmetic over
     the neighborhoods (forward `2*(D + Dv)` flops per query-key pair, backward
     `6*D + 4*Dv`: recompute q.k, dO.v, and dq, dk, dv) against the matmul rate;
-  * NAT-Mini inference end to end (batch 8, 224x224), `attention_implementation` "ffi" vs "xla".
+  * NAT-Mini inference end to end (batch 8, 224x224), `attention_implementation` "ffi", "xla"
+    and None ("auto").
 Writes `results/bench_ffi.json` under `--out`.
 """
 
@@ -154,13 +155,14 @@ def _format(r: dict) -> str:
 
 
 def bench_model(args) -> dict:
-    """NAT-Mini inference end to end with every attention call on `ffi` vs on `xla`."""
+    """NAT-Mini inference end to end with every attention call on `ffi`, on `xla`, and on
+    None ("auto": what `implementation=None` picks per call, `platform.cpu_choice`)."""
     from flax import nnx
 
     config = natjax.get_config("nat_mini")
     images = jax.random.normal(jax.random.key(1), (args.batch, 224, 224, 3), jnp.float32)
     fns = {}
-    for impl in ("ffi", "xla"):
+    for name, impl in (("ffi", "ffi"), ("xla", "xla"), ("auto", None)):
         model = natjax.NatForImageClassification(
             config, rngs=nnx.Rngs(0), attention_implementation=impl
         )
@@ -169,7 +171,7 @@ def bench_model(args) -> dict:
         def infer(model, images):
             return model(images).logits
 
-        fns[impl] = (infer, model)
+        fns[name] = (infer, model)
     outs = {i: f(m, images) for i, (f, m) in fns.items()}
     diff = float(jnp.max(jnp.abs(outs["ffi"] - outs["xla"])))
     times = {i: [] for i in fns}
@@ -178,11 +180,12 @@ def bench_model(args) -> dict:
             times[i].append(_time_once(f, (m, images)))
     med = {i: float(np.median(t)) * 1e3 for i, t in times.items()}
     row = dict(model="nat_mini", batch=args.batch, ffi_ms=med["ffi"], xla_ms=med["xla"],
-               speedup=med["xla"] / med["ffi"], max_logit_diff=diff)  # fmt: skip
+               auto_ms=med["auto"], speedup=med["xla"] / med["ffi"],
+               auto_speedup=med["xla"] / med["auto"], max_logit_diff=diff)  # fmt: skip
     print(
         f"NAT-Mini inference batch {args.batch} 224x224: ffi {med['ffi']:.0f} ms, "
-        f"xla {med['xla']:.0f} ms, xla/ffi x{row['speedup']:.2f} "
-        f"(max |logit diff| {diff:.1e})",
+        f"xla {med['xla']:.0f} ms, auto {med['auto']:.0f} ms; xla/ffi x{row['speedup']:.2f}, "
+        f"xla/auto x{row['auto_speedup']:.2f} (max |logit diff| ffi vs xla {diff:.1e})",
         flush=True,
     )
     return row

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         text = cli_message(str(err), _flag_names(parser, args.command))
         print(f"natjax {args.command}: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C outside `natjax train`'s own handling (imports, predict, convert, ...).
+        print(f"natjax {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

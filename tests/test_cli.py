@@ -162,3 +162,14 @@ def test_cli_errors_name_flags_not_python_keywords():
     # Dotted config keys (set with --set), unknown keywords and comparisons stay as they are.
     same = "run.init_from='x': num_labels=3 differs; a==b"
     assert cli_message(same, flags) == same
+
+
+def test_ctrl_c_in_any_command_exits_130_in_one_line(monkeypatch, capsys):
+    import natjax.predict
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(natjax.predict, "_run", interrupted)
+    assert main(["predict", "--model", "m", "x.png"]) == 130
+    assert capsys.readouterr().err == "natjax predict: interrupted\n"

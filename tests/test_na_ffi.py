@@ -113,6 +113,57 @@ def test_any_tiling_matches_reference(spatial, kernel, dilation, causal, tile):
         assert_close(g, w, 2e-5, 2e-5, f"{name} tile={tile}")
 
 
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,causal,dim,dtype",
+    [
+        ((40, 40), 35, 1, False, 4, jnp.float32),  # a window alone beyond the block's slots
+        ((7, 11), (3, 5), (1, 2), (True, False), 8, jnp.float32),  # ragged blocks, causal
+        ((5, 6, 7), (3, 3, 5), 1, (False, False, True), 16, jnp.bfloat16),
+        ((14, 14), 7, 1, False, 32, jnp.float16),  # NAT stage-3 shape, 2x2 blocks
+    ],
+)
+def test_blocked_forward_matches_dense(spatial, kernel, dilation, causal, dim, dtype):
+    """The register-blocked float32 forward (small halos: block_fwd.h), with its fallbacks."""
+    rng = np.random.default_rng(dim)
+    nd = len(spatial)
+    params = make_params(nd, spatial, dim, kernel, dilation, causal, None)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, *spatial, 3, dim)), dtype) for _ in range(3))
+    rpb = jnp.asarray(rng.standard_normal((3, *params.rpb_shape_tail)), jnp.float32)
+    out, lse = ffi.na_ffi(q, k, v, rpb, params)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want_out, want_lse = _dense(f32(q), f32(k), f32(v), rpb, params)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    assert_close(out, want_out.astype(dtype), tol, tol, "out")
+    assert_close(lse, want_lse, tol, tol, "lse")
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,causal,stride,heads,kv_heads",
+    [
+        ((13,), 5, 1, False, 2, 2, 2),
+        ((17,), 5, 2, True, 3, 4, 2),  # strided causal windows stop at the query
+        ((9, 11), (4, 3), (1, 2), (False, True), (2, 3), 2, 1),  # even kernel, MQA
+        ((7, 8), 6, 1, False, 1, 2, 2),  # even kernel alone
+        ((5, 6, 7), (3, 4, 3), 1, (True, False, False), (2, 1, 3), 2, 2),
+    ],
+)
+def test_stride_and_even_kernels(spatial, kernel, dilation, causal, stride, heads, kv_heads):
+    """NATTEN >= 0.20 strided windows and even kernels: only the tables change (spec.py)."""
+    rng = np.random.default_rng(sum(spatial))
+    nd = len(spatial)
+    params = make_params(nd, spatial, 8, kernel, dilation, causal, None, stride)
+    assert ffi.unsupported_reason(NACall.for_query((2, *spatial, heads, 8), jnp.float32, params,
+                                                   True)) is None  # fmt: skip
+    f32 = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)  # noqa: E731
+    q, d_out = f32(2, *spatial, heads, 8), f32(2, *spatial, heads, 8)
+    k, v = f32(2, *spatial, kv_heads, 8), f32(2, *spatial, kv_heads, 8)
+    rpb = f32(heads, *params.rpb_shape_tail)
+    got = _value_and_grads(lambda *a: ffi.na_ffi(*a, params), q, k, v, rpb, d_out)
+    want = _value_and_grads(lambda *a: _dense(*a, params), q, k, v, rpb, d_out)
+    for name, g, w in zip(_NAMES, got, want, strict=True):
+        assert_close(g, w, 2e-5, 2e-5, f"{name} stride={stride}")
+
+
 def test_one_pass_backward_with_gqa():
     """batch x kv_heads >= 16 selects the one-pass backward (dk/dv scattered per slice)."""
     spatial, kernel, dilation, causal = (7, 9), (3, 5), (2, 1), (False, True)
@@ -284,7 +335,7 @@ def test_missing_library_gives_install_hint():
     res = subprocess.run(
         [sys.executable, "-c", _MISSING_SCRIPT], capture_output=True, text=True, timeout=300
     )
-    assert "ERROR: implementation='ffi' cannot run this call" in res.stdout, res.stderr
+    assert "implementation='ffi' cannot run this call" in res.stdout, res.stderr
     assert "pip install ./ffi" in res.stdout
     assert "XLA_OK 0.0" in res.stdout
     assert "NONE_OK 0.0" in res.stdout and "falling back" not in res.stderr

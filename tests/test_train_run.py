@@ -4,12 +4,14 @@ training extra (missing packages named), the eval table, packaged recipes."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -333,3 +335,92 @@ def test_finetune_journey_on_a_folder_then_predict(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"1\. \d\.\d{4}  (cat|dog) \(\d\)", p.stdout), p.stdout
+
+
+# --------------------------------------------------------------------------------- progress
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_progress_on_a_terminal_and_in_a_log():
+    from natjax.train.progress import Progress
+
+    metrics = {"loss": 1.5, "accuracy": 0.25, "lr": 1e-3}
+    tty = _Stream(True)
+    p = Progress(True, stream=tty)
+    with p.compiling("the train step"):
+        time.sleep(1.3)  # the elapsed time ticks once a second while compiling
+    assert "compiling the train step... 1 s" in tty.getvalue()
+    assert re.search(r"\rcompiled the train step in 1\.\d s\n", tty.getvalue())
+    p.start(1, 10)  # timing starts after the compiling step
+    time.sleep(0.05)
+    ips, eta = p.rate(5, 16, 10)
+    assert 0 < ips < 16 * 4 / 0.05 and 0 < eta < 1.0  # excludes the 1.3 s compilation
+    p.update(5, 10, 0.5, metrics, ips, eta)
+    p.message("eval @ step 5")
+    p.close()
+    out = tty.getvalue()
+    assert "img/s" in out and "ETA 0:00:00" in out and "loss 1.5000" in out and "5/10" in out
+    assert "eval @ step 5\n" in out
+    log = _Stream(False)
+    p = Progress(True, stream=log)
+    with p.compiling("the train step"):
+        pass
+    p.start(1, 10)
+    p.update(4, 10, 0.4, metrics, 100.0, 6.0)
+    lines = log.getvalue().splitlines()
+    assert lines[0] == "compiling the train step..." and lines[1].startswith("compiled the")
+    assert lines[2].startswith("step 4/10 [ 40%] ep 0.4 | loss 1.5000") and "\r" not in lines[2]
+    quiet = _Stream(False)
+    Progress(False, stream=quiet).update(4, 10, 0.4, metrics, 100.0, 6.0)
+    assert quiet.getvalue() == ""
+
+
+# ---------------------------------------------------------------------- never hang, one line
+
+
+def test_checkpoint_write_failure_mid_run_exits_2_without_hanging(tmp_path):
+    """A full disk at the first checkpoint (stand-in: orbax's save raises ENOSPC): one line,
+    status 2, and the process ends (orbax's threads are closed)."""
+    script = (
+        "import sys, orbax.checkpoint as ocp\n"
+        "def full(*a, **k):\n"
+        "    raise OSError(28, 'No space left on device')\n"
+        "ocp.CheckpointManager.save = full\n"
+        "from natjax.cli import main\n"
+        f"sys.exit(main({['train', '--workdir', str(tmp_path), '--max-steps', '2'] + [a for s in [*TINY, 'run.checkpoint_every=1'] for a in ('--set', s)]!r}))\n"  # noqa: E501
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", script], env=_env(), capture_output=True, text=True, timeout=600
+    )
+    assert p.returncode == 2, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("natjax train: error: cannot write checkpoint step 1") and (
+        "No space left on device" in last
+    ), p.stderr[-3000:]
+    assert "Traceback" not in p.stderr
+
+
+def test_folder_images_over_the_pixel_cap_are_skipped(tmp_path):
+    from PIL import Image
+
+    from natjax.models.preprocessing import MAX_PIXELS
+    from natjax.train.data import make_source
+
+    for cls in ("a", "b"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "train" / cls / "ok.png")
+    # A few KB on disk, over 64 Mpx decoded: refused before decoding, like `natjax predict`.
+    Image.new("1", (9000, MAX_PIXELS // 9000 + 1)).save(tmp_path / "train" / "a" / "huge.png")
+    src = make_source(C.DataConfig(dataset=f"folder:{tmp_path}"), "train")
+    huge = [i for i, (p, _) in enumerate(src.items) if p.endswith("huge.png")][0]
+    with pytest.warns(UserWarning, match=r"huge.png .*exceeds max_pixels"):
+        image, _ = src[huge]
+    assert image.shape == (8, 8, 3)

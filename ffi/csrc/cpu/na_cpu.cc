@@ -13,7 +13,10 @@
 #include <string>
 #include <vector>
 
+#include <type_traits>
+
 #include "../common/geometry.h"
+#include "block_fwd.h"
 #include "na_kernels.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -171,6 +174,10 @@ std::string run_forward(const Geometry& g, const Scheduler& sched, ffi::AnyBuffe
   FwdArgs<T, A> args{data<const T>(q), data<const T>(k), data<const T>(v), data<const A>(rpb),
                      data<T>(out),     data<A>(lse)};
   const int64_t units = g.batch * g.kv_heads * g.num_tiles();
+#if NATJAX_AVX2
+  if constexpr (std::is_same_v<A, float>)  // register-blocked (block_fwd.h)
+    return parallel_for(sched, units, [&](int64_t u) { forward_unit_blocked<T>(g, args, u); });
+#endif
   return parallel_for(sched, units, [&](int64_t u) { forward_unit<T, A>(g, args, u); });
 }
 

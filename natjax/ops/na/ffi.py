@@ -191,6 +191,8 @@ class FFIGeometry:
       lengths, kernel_size, dilation, is_causal: per axis, leading axes padded with size 1.
       tile: query positions per tile along each axis (in dilation-group coordinates).
       has_rpb: whether a bias is given; scale: factor on `q . k`.
+      stride: per axis (NATTEN >= 0.20 strided windows: the tables carry them, the kernels
+        need nothing else).
     """
 
     lengths: tuple[int, int, int]
@@ -200,6 +202,7 @@ class FFIGeometry:
     tile: tuple[int, int, int]
     has_rpb: bool
     scale: float
+    stride: tuple[int, int, int] = (1, 1, 1)
 
     @property
     def rpb_dims(self) -> tuple[int, int, int]:
@@ -207,16 +210,17 @@ class FFIGeometry:
 
 
 @functools.lru_cache(maxsize=256)
-def _axis(length: int, kernel: int, dilation: int, causal: bool) -> AxisTables:
-    win = axis_windows(length, kernel, dilation, causal)
+def _axis(length: int, kernel: int, dilation: int, causal: bool, stride: int = 1) -> AxisTables:
+    win = axis_windows(length, kernel, dilation, causal, stride)
     return _axis_tables(win.key, win.valid, win.rpb_index, dilation)
 
 
 @functools.lru_cache(maxsize=256)
 def _attributes(geo: FFIGeometry, backward: bool) -> dict:
     """The FFI attributes (numpy scalars/arrays) of the forward or backward handler."""
-    per_axis = zip(geo.lengths, geo.kernel_size, geo.dilation, geo.is_causal, strict=True)
-    tables = [_axis(n, k, d, c) for n, k, d, c in per_axis]
+    per_axis = zip(geo.lengths, geo.kernel_size, geo.dilation, geo.is_causal, geo.stride,
+                   strict=True)  # fmt: skip
+    tables = [_axis(*axis) for axis in per_axis]
     tiles = [_tiles(n, d, t) for n, d, t in zip(geo.lengths, geo.dilation, geo.tile, strict=True)]
     cat = lambda name: np.concatenate([getattr(t, name) for t in tables]).astype(np.int64)  # noqa: E731
     attrs = dict(
@@ -283,12 +287,15 @@ def make_geometry(q_shape, k_shape, v_shape, dtype, params: NAParams, has_rpb: b
     kernel = (1,) * pad + params.kernel_size
     dilation = (1,) * pad + params.dilation
     causal = (False,) * pad + params.is_causal
-    per_axis = zip(lengths, kernel, dilation, causal, strict=True)
-    windows = tuple(int(_axis(n, k, d, c).win_count.max()) for n, k, d, c in per_axis)
+    stride = (1,) * pad + params.stride
+    per_axis = zip(lengths, kernel, dilation, causal, stride, strict=True)
+    windows = tuple(int(_axis(*axis).win_count.max()) for axis in per_axis)
     itemsize = _accum(dtype).itemsize
     row_bytes = itemsize * (-(-k_shape[-1] // 8) * 8 + -(-v_shape[-1] // 8) * 8)
     tile = choose_tile(lengths, windows, dilation, row_bytes, q_shape[0] * k_shape[-2])
-    return FFIGeometry(lengths, kernel, dilation, causal, tile, has_rpb, float(params.scale))
+    return FFIGeometry(
+        lengths, kernel, dilation, causal, tile, has_rpb, float(params.scale), stride
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -390,8 +397,6 @@ def unsupported_reason(call: NACall) -> str | None:
       A human-readable reason, or None.
     """
     shape, dtype, params = call.q_shape, call.dtype, call.params
-    if params.has_stride:
-        return "stride > 1 is not supported yet"
     reason = _load()
     if reason is not None:
         return reason
@@ -403,9 +408,9 @@ def unsupported_reason(call: NACall) -> str | None:
     if math.prod(spatial) >= 2**31:
         return "2**31 or more spatial positions"
     try:
-        for n, k, d, c in zip(spatial, params.kernel_size, params.dilation, params.is_causal,
-                              strict=True):  # fmt: skip
-            _axis(n, k, d, c)
+        for axis in zip(spatial, params.kernel_size, params.dilation, params.is_causal,
+                        params.stride, strict=True):  # fmt: skip
+            _axis(*axis)
     except _NotRunLike as err:
         return f"the window rule cannot be expressed as run tables ({err})"
     return None

@@ -133,6 +133,16 @@ def _fixes(params: NAParams, q, k, v, out_dtype, lse_dtype):
     return fix, jnp.where(bad_row, jnp.nan, 0.0).astype(lse_dtype)
 
 
+def _zeros_like_out(q, v, out):
+    """Zeros of `out`'s shape, derived from an operand so that they keep its sharding: `v` when
+    shaped like the output, else `q` (GQA: fewer kv heads), broadcast over a value_dim of its own.
+    """
+    for x in (v, q):
+        if x.shape == out.shape:
+            return jnp.zeros_like(x, out.dtype)
+    return jnp.broadcast_to(jnp.zeros_like(q[..., :1], out.dtype), out.shape)
+
+
 def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     """Runs a backend with NATTEN's confinement of NaN/inf inputs.
 
@@ -160,7 +170,7 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
         nonfinite,
         lambda q, k, v: _fixes(params, q, k, v, out.dtype, lse.dtype),
         # zeros_like keeps the operands' sharding (explicit meshes type it): same as branch 1.
-        lambda q, k, v: (jnp.zeros_like(v, out.dtype), jnp.zeros_like(q[..., 0], lse.dtype)),
+        lambda q, k, v: (_zeros_like_out(q, v, out), jnp.zeros_like(q[..., 0], lse.dtype)),
         sg(q), sg(k), sg(v),
     )  # fmt: skip
     # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); the cotangent
