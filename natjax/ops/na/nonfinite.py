@@ -123,8 +123,11 @@ def _fixes(params: NAParams, q, k, v, out_dtype, lse_dtype):
     seen = in_neighborhood(jnp.concatenate([nan_or_pos, nan_or_neg, bad_key[..., None]], -1),
                            params)  # fmt: skip
     # Flags per kv head -> per query head (GQA/MQA: query head h reads kv head h // group).
-    if q.shape[-2] != k.shape[-2]:
-        seen = jnp.repeat(seen, q.shape[-2] // k.shape[-2], axis=-2)
+    # (Skipped without GQA: `jnp.repeat` wants an `out_sharding` on explicit meshes.)
+    group = q.shape[-2] // k.shape[-2]
+    if group > 1:
+        seen = jnp.broadcast_to(seen[..., None, :], (*seen.shape[:-1], group, seen.shape[-1]))
+        seen = seen.reshape(*seen.shape[:-3], q.shape[-2], seen.shape[-1])
     d = v.shape[-1]
     pos, neg = seen[..., :d], seen[..., d : 2 * d]
     bad_row = seen[..., 2 * d] | jnp.any(~jnp.isfinite(q), axis=-1)

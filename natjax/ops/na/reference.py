@@ -81,7 +81,10 @@ def na_reference(q, k, v, rpb, params: NAParams):
     compute = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     mask, index = dense_mask_and_bias_index(spatial, params)
     # Query heads split as [kv_heads, group]: each kv head is read by its group, never repeated.
-    qf = q.reshape(batch, n, kv_heads, group, head_dim).astype(compute)
+    if group == 1:  # no reshape of the (possibly sharded) heads axis: explicit meshes refuse it
+        qf = q.reshape(batch, n, heads, head_dim)[:, :, :, None].astype(compute)
+    else:
+        qf = q.reshape(batch, n, kv_heads, group, head_dim).astype(compute)
     kf = k.reshape(batch, n, kv_heads, head_dim).astype(compute)
     vf = v.reshape(batch, n, kv_heads, value_dim).astype(compute)
     logits = jnp.einsum("bqcjd,bkcd->bcjqk", qf * params.scale, kf)
@@ -93,6 +96,7 @@ def na_reference(q, k, v, rpb, params: NAParams):
     lse = jax.nn.logsumexp(logits, axis=-1)  # [b, c, j, q]
     probs = jnp.exp(logits - lse[..., None])
     out = jnp.einsum("bcjqk,bkcd->bqcjd", probs, vf)
+    out = out[:, :, :, 0] if group == 1 else out.reshape(batch, n, heads, value_dim)
     out = out.reshape(batch, *spatial, heads, value_dim).astype(q.dtype)
     lse = jnp.moveaxis(lse.reshape(batch, heads, n), 1, -1).reshape(batch, *spatial, heads)
     return out, lse
