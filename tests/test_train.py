@@ -8,6 +8,7 @@ processes with jax.distributed, and tfds mock data through `tfds.data_source`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -268,24 +269,40 @@ def test_weight_decay_mask_skips_rpb_norms_biases():
 # --------------------------------------------------------------------------- metrics files
 
 
-def test_tfevents_records_are_valid(tmp_path):
-    assert M.crc32c(b"123456789") == 0xE3069283  # the standard CRC-32C check value
+def _read_events(path):
+    """Every `Event` of a tfevents file, CRCs checked with tensorboardX's own helpers."""
+    import struct
+
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.record_writer import masked_crc32c
+
+    raw, pos, events = path.read_bytes(), 0, []
+    while pos < len(raw):
+        header = raw[pos : pos + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", raw[pos + 8 : pos + 12])[0] == masked_crc32c(header)
+        data = raw[pos + 12 : pos + 12 + length]
+        assert struct.unpack("<I", raw[pos + 12 + length : pos + 16 + length])[0] == (
+            masked_crc32c(data)
+        )
+        events.append(Event.FromString(data))
+        pos += 16 + length
+    return events
+
+
+def test_metrics_writer_tensorboard_and_jsonl(tmp_path):
+    """Scalars reach TensorBoard (tensorboardX) with their tag, step and value, non-finite ones
+    only the JSONL record (TensorBoard would plot them as gaps anyway)."""
     w = M.MetricsWriter(tmp_path)
-    w.write(3, "train", {"loss": 1.5})
+    w.write(3, "train", {"loss": 1.5, "lr": 0.25})
+    w.write(7, "eval", {"top1": 0.75, "loss": float("nan")})
     w.close()
     (events,) = (tmp_path / "tb").iterdir()
-    records = M.read_records(events)
-    assert len(records) == 2
-    assert b"brain.Event:2" in records[0]
-    assert b"train/loss" in records[1]
-    # simple_value (field 2, fixed32) holds 1.5
-    assert b"\x15" + np.float32(1.5).tobytes() in records[1]
-    assert M.read_jsonl(tmp_path / "metrics.jsonl") == [{"step": 3, "split": "train", "loss": 1.5}]
-    raw = bytearray(events.read_bytes())
-    raw[-6] ^= 0xFF
-    events.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match="CRC"):
-        M.read_records(events)
+    got = [(e.step, v.tag, v.simple_value) for e in _read_events(events) for v in e.summary.value]
+    assert got == [(3, "train/loss", 1.5), (3, "train/lr", 0.25), (7, "eval/top1", 0.75)]
+    rows = M.read_jsonl(tmp_path / "metrics.jsonl")
+    assert rows[0] == {"step": 3, "split": "train", "loss": 1.5, "lr": 0.25}
+    assert rows[1]["top1"] == 0.75 and math.isnan(rows[1]["loss"])
 
 
 # ---------------------------------------------------------------------------- augmentation

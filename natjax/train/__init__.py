@@ -23,6 +23,7 @@ TRAINING_MODULES = (
     "sklearn",
     "matplotlib",
     "tqdm",
+    "tensorboardX",
 )
 
 
