@@ -73,6 +73,8 @@ def test_nat_models_from_linen():
     )
     np.testing.assert_array_equal(train(0), train(0))
     assert not np.allclose(train(0), train(1))
+    with pytest.raises(ValueError, match="nnx_method"):
+        module.apply(variables, images, nnx_method="embeddings")
 
 
 def test_pretrained_from_linen_matches_golden():

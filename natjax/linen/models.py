@@ -42,7 +42,11 @@ class NatLinen(nnx.bridge.ToLinen):
         nnx_method: Any = None,
     ):
         """Runs the model; see `natjax.NatModel.__call__` (training mode draws "dropout")."""
-        del nnx_method  # only the forward is exposed
+        if nnx_method is not None:  # part of the Linen bridge's signature; not supported here
+            raise ValueError(
+                f"`nnx_method` is not supported by natjax's Linen models (only the forward is "
+                f"exposed), got {nnx_method!r}."
+            )
         key = None
         if not deterministic and not self.is_initializing():
             key = self.make_rng("dropout")

@@ -24,6 +24,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 
+from natjax import models
 from natjax.train import augment
 from natjax.train import mesh as mesh_lib
 from natjax.train.config import AugmentConfig, DataConfig, TrainConfig
@@ -42,8 +43,6 @@ def nat_config(cfg: TrainConfig, num_labels: int, class_names=None):
       num_labels: classifier outputs (the dataset's class count).
       class_names: the classes in label order (None: unnamed), carried into the saved model.
     """
-    from natjax import models
-
     try:
         base = models.get_config(cfg.model.preset)
     except ValueError as err:
@@ -69,8 +68,6 @@ def nat_config(cfg: TrainConfig, num_labels: int, class_names=None):
 def new_classifier(cfg: TrainConfig, num_labels: int, seed: int, class_names=None) -> nnx.Module:
     """A freshly initialised classifier: float32 parameters, `cfg.model.dtype` compute."""
     rngs = nnx.Rngs(params=seed, dropout=jax.random.fold_in(jax.random.key(seed), 1))
-    from natjax import models
-
     return models.NatForImageClassification(
         nat_config(cfg, num_labels, class_names),
         rngs=rngs,
