@@ -48,6 +48,13 @@ from natjax.ops.na.xla_blocks import LastAxisBand, OuterShift
 _SPATIAL0 = 3  # first spatial axis of the [B, G, g, *S, D] layout
 
 
+def _sum_over(n: int, term):
+    """`sum(term(i) for i in range(n))` as a loop whose carry starts from `term(0)`, so it has
+    the terms' shape, dtype and sharding type (an unsharded zero carry is refused by explicit
+    meshes: "carry input and carry output must have equal types")."""
+    return jax.lax.fori_loop(1, n, lambda i, acc: acc + term(i), term(0))
+
+
 class _DilationSplit:
     """Splits spatial axes into dilation groups folded into the batch, and merges them back.
 
@@ -228,11 +235,11 @@ class _Core:
             return self.band.av(p, v)
         p, vp = self._per_outer(p), self._prepare(v)
 
-        def body(i, acc):
+        def term(i):
             p_i = jax.lax.dynamic_index_in_dim(p, i, axis=-2, keepdims=False)
-            return acc + self.band.av(p_i, self._shift(vp, i))
+            return self.band.av(p_i, self._shift(vp, i))
 
-        return jax.lax.fori_loop(0, self.n_outer, body, jnp.zeros(shape, p.dtype))
+        return _sum_over(self.n_outer, term)
 
     def av_t(self, p, a):
         """out[j] = sum over (i, o) with key(i, o) = j of p[i, o] a[i] (inverse neighborhood),
@@ -243,13 +250,12 @@ class _Core:
         if not self.outer:
             return self._group_sum(self.band.av_t(p, a))
         p = self._per_outer(p)
-        shape = a.shape[: _SPATIAL0 - 1] + (1,) + a.shape[_SPATIAL0:]
 
-        def body(i, acc):
+        def term(i):
             p_i = jax.lax.dynamic_index_in_dim(p, i, axis=-2, keepdims=False)
-            return acc + self._unshift(self._group_sum(self.band.av_t(p_i, a)), i)
+            return self._unshift(self._group_sum(self.band.av_t(p_i, a)), i)
 
-        return jax.lax.fori_loop(0, self.n_outer, body, jnp.zeros(shape, p.dtype))
+        return _sum_over(self.n_outer, term)
 
     def bias(self, rpb):
         """`[h, *S, KV]` bias from `rpb[h, *(2K-1)]` (a product of one-hot matrices)."""
