@@ -155,7 +155,8 @@ def parse_hlo(text: str) -> dict[str, list[str]]:
 def kernel_traffic(text: str) -> dict:
     """Bytes (operands + results) and launches of every kernel, loops unrolled by trip count."""
     comps = parse_hlo(text)
-    stats = dict(bytes=0, kernels=0, unknown_trips=0, by_opcode={}, confined_bytes=0)
+    stats = dict(bytes=0, kernels=0, unknown_trips=0, by_opcode={})
+    confined = dict(bytes=0, kernels=0, unknown_trips=0, by_opcode={})
     # Optimised HLO prints operands by name only: resolve them to their defining result types.
     result_of: dict[str, str] = {}
     for lines in comps.values():
@@ -165,7 +166,7 @@ def kernel_traffic(text: str) -> dict:
             if op:
                 result_of[m.group(1)] = m.group(2)[: op.start()]
 
-    def visit(name: str, times: int):
+    def visit(name: str, times: int, stats: dict):
         for line in comps.get(name, []):
             m = _INSTR.match(line)
             if not m:
@@ -182,7 +183,7 @@ def kernel_traffic(text: str) -> dict:
                 if trip is None:
                     stats["unknown_trips"] += 1
                 n = int(trip.group(1)) if trip else 1
-                visit(_BODY.search(rest).group(1), times * n)
+                visit(_BODY.search(rest).group(1), times * n, stats)
                 continue
             if opcode == "conditional":
                 # natjax's NaN/inf confinement (nonfinite.py) is a cond whose confined branch runs
@@ -192,17 +193,11 @@ def kernel_traffic(text: str) -> dict:
                 names = branches.group(1).split(",") if branches else _TRUE_FALSE.findall(rest)
                 for b in names:
                     b = b.strip().lstrip("%")
-                    if not any(CONFINED_SCOPE in line for line in comps.get(b, [])):
-                        visit(b, times)
-                        continue
-                    kept = stats["bytes"], stats["kernels"], json.dumps(stats["by_opcode"])
-                    visit(b, times)
-                    stats["confined_bytes"] += stats["bytes"] - kept[0]
-                    stats["bytes"], stats["kernels"] = kept[:2]
-                    stats["by_opcode"] = json.loads(kept[2])
+                    is_confined = any(CONFINED_SCOPE in line for line in comps.get(b, []))
+                    visit(b, times, confined if is_confined else stats)
                 continue
             if opcode == "call":
-                visit(_CALLS.search(rest).group(1), times)
+                visit(_CALLS.search(rest).group(1), times, stats)
                 continue
             if opcode.endswith("-done") or opcode.endswith("-update"):
                 continue  # the matching -start is the launch
@@ -216,8 +211,8 @@ def kernel_traffic(text: str) -> dict:
             entry[0] += times
             entry[1] += times * nbytes
 
-    visit("ENTRY", 1)
-    return stats
+    visit("ENTRY", 1, stats)
+    return {**stats, "confined_bytes": confined["bytes"]}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -80,21 +80,12 @@ def cpu_choice(call: NACall) -> str:
     return "xla" if band.supports(call) else "xla_tiled"
 
 
-def _forward(static, q, k, v, rpb):
+def _forward(static, q, k, v, rpb, training: bool = True):
     params, tiles = static
     return jax.lax.platform_dependent(
         q, k, v, rpb,
         cpu=lambda *a: band._forward(params, *a),
-        default=lambda *a: xla_tiled._forward((params, tiles), *a),
-    )  # fmt: skip
-
-
-def _primal(static, q, k, v, rpb):
-    params, tiles = static
-    return jax.lax.platform_dependent(
-        q, k, v, rpb,
-        cpu=lambda *a: band._forward(params, *a),
-        default=lambda *a: xla_tiled._primal((params, tiles), *a),
+        default=lambda *a: xla_tiled._forward((params, tiles), *a, training=training),
     )  # fmt: skip
 
 
@@ -107,7 +98,7 @@ def _backward(static, res, cts):
     )  # fmt: skip
 
 
-_na = na_custom_vjp(_forward, _backward, primal=_primal)
+_na = na_custom_vjp(_forward, _backward, primal=functools.partial(_forward, training=False))
 
 
 def _tiles(q, params: NAParams) -> tuple[int, ...]:
