@@ -12,7 +12,7 @@ Cases (issue 9): NAT/DiNAT stages of every preset (all have head_dim 32 and kern
 dilations 8/4/2), HDiT (64x64, head_dim 64, no bias), the 3-D video shape of issue 8, 1-D long
 sequences, kernel sizes 3..13 in 1-D/2-D/3-D, head_dim 16..128, the three dtypes, bias on/off,
 causal axes and dilation; issue 12's stride, even kernels, GQA/MQA and a value head_dim of its
-own (refused: the kernels do not implement them).
+own.
 """
 
 from __future__ import annotations
@@ -151,13 +151,75 @@ CASES: list[GateCase] = [
     GateCase(
         "na3d_k5_d2_causal", (12, 16, 16), 5, dilation=(1, 2, 2), causal=(True, False, False)
     ),  # fmt: skip
-    # Issue 12's features: not implemented in the kernels; the dispatch must refuse them (so
-    # `implementation=None` runs `xla` on a GPU).
-    GateCase("na2d_k7_s2", (56, 56), 7, stride=2, accepted=False, note="stride > 1"),
-    GateCase("na2d_k6_even", (32, 32), 6, accepted=False, note="even kernel"),
-    GateCase("na2d_k7_gqa", (56, 56), 7, heads=4, kv_heads=2, accepted=False, note="GQA"),
-    GateCase("na1d_k7_mqa", (256,), 7, heads=4, kv_heads=1, accepted=False, note="MQA"),
-    GateCase("na2d_k7_dv64", (32, 32), 7, value_dim=64, accepted=False, note="value head_dim"),
+    # Issue 12's features: stride, even kernels, GQA/MQA and a value head_dim of its own.
+    GateCase("na2d_k7_s2", (56, 56), 7, stride=2, quick=True, note="stride 2"),
+    GateCase("na2d_k7_s7", (56, 56), 7, stride=7, note="stride == kernel (blocked)"),
+    GateCase("na1d_k13_s4_causal", (256,), 13, stride=4, causal=True, note="causal stride"),
+    GateCase(
+        "video3d_s244",
+        (8, 16, 16),
+        (4, 8, 8),
+        stride=(2, 4, 4),
+        heads=8,
+        head_dim=64,
+        rpb=False,
+        note="strided 3-D video (issue 12's benchmark case)",
+    ),  # fmt: skip
+    GateCase("na3d_k13_s3_hd128", (13, 16, 16), 13, stride=3, head_dim=128, note="3-D stride"),
+    GateCase("na2d_k6_even", (32, 32), 6, note="even kernel"),
+    GateCase("na2d_k8_even_causal", (32, 32), 8, causal=(True, False), note="even, causal"),
+    GateCase("na1d_k12_even_d4", (256,), 12, dilation=4, note="even kernel, dilation"),
+    GateCase("na2d_k7_gqa", (56, 56), 7, heads=4, kv_heads=2, quick=True, note="GQA"),
+    GateCase("na1d_k7_mqa", (256,), 7, heads=4, kv_heads=1, note="MQA"),
+    GateCase(
+        "na3d_k7_gqa4_hd128",
+        (8, 16, 16),
+        7,
+        heads=8,
+        kv_heads=2,
+        head_dim=128,
+        note="GQA, head_dim 128",
+    ),  # fmt: skip
+    GateCase(
+        "na2d_k7_mqa_f32", (32, 32), 7, heads=8, kv_heads=1, dtype="float32", note="MQA, float32"
+    ),  # fmt: skip
+    GateCase("na2d_k7_dv64", (32, 32), 7, value_dim=64, note="value head_dim"),
+    GateCase(
+        "na2d_k7_dv128_hd16",
+        (32, 32),
+        7,
+        head_dim=16,
+        value_dim=128,
+        note="value head_dim 128 > head_dim",
+    ),  # fmt: skip
+    GateCase(
+        "na2d_k7_hd128_dv16",
+        (32, 32),
+        7,
+        head_dim=128,
+        value_dim=16,
+        note="value head_dim 16 < head_dim",
+    ),  # fmt: skip
+    GateCase(
+        "na1d_k7_dv128_hd32_f32",
+        (256,),
+        7,
+        value_dim=128,
+        dtype="float32",
+        note="wide value, float32",
+    ),  # fmt: skip
+    GateCase("na3d_k5_dv128_hd32", (8, 16, 16), 5, value_dim=128, note="wide value, 3-D"),
+    GateCase(
+        "na2d_k6_s2_gqa_dv64",
+        (32, 32),
+        6,
+        stride=2,
+        heads=4,
+        kv_heads=2,
+        value_dim=64,
+        dilation=2,
+        note="everything at once",
+    ),  # fmt: skip
 ]
 QUICK = tuple(c.name for c in CASES if c.quick)
 BY_NAME = {c.name: c for c in CASES}

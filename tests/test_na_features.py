@@ -183,21 +183,23 @@ def test_merge_attentions_with_an_empty_part_and_bad_inputs():
 
 
 def test_refusals_are_clean_value_errors():
-    """Backends that cannot run a feature refuse it by name; `None` still runs it."""
+    """Backends that cannot run a call refuse it by name; `None` still runs it. Pallas runs
+    stride, even kernels, GQA/MQA and a value head_dim of its own (issue 12), but not a value
+    head_dim above 128 nor a kernel above 13."""
+    from natjax.ops.na import api
+
     params = make_params(1, (16,), 8, 4, 1, False, None, 2)
     q = jax.ShapeDtypeStruct((1, 16, 4, 8), jnp.float32)
     kv = jax.ShapeDtypeStruct((1, 16, 2, 8), jnp.float32)
-    call = NACall.of(q, kv, kv, None, params)
-    from natjax.ops.na import api
-
-    assert api.unsupported_reason("xla_tiled", call) is None
-    assert "stride" in api.unsupported_reason("pallas", call)
-    gqa = NACall.of(q, kv, kv, None, make_params(1, (16,), 8, 3, 1, False, None))
-    assert "GQA" in api.unsupported_reason("pallas", gqa)
-    x = jnp.ones((1, 16, 2, 8))
-    with pytest.raises(ValueError, match=r"implementation='pallas' cannot run this call.*stride"):
-        natjax.na1d(x, x, x, 4, stride=2, implementation="pallas")
-    out = natjax.na1d(x, x, x, 4, stride=2)
+    for impl in ("xla_tiled", "pallas"):
+        assert api.unsupported_reason(impl, NACall.of(q, kv, kv, None, params)) is None, impl
+    wide_v = jax.ShapeDtypeStruct((1, 16, 2, 256), jnp.float32)
+    reason = api.unsupported_reason("pallas", NACall.of(q, kv, wide_v, None, params))
+    assert "value head_dim 256" in reason
+    x = jnp.ones((1, 32, 2, 8))
+    with pytest.raises(ValueError, match=r"implementation='pallas' cannot run this call.*kernel"):
+        natjax.na1d(x, x, x, 15, stride=2, implementation="pallas")
+    out = natjax.na1d(x, x, x, 15, stride=2)
     assert out.shape == x.shape
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +83,128 @@ def test_tile_boundaries_match_reference(spatial, kernel, dilation, causal, bloc
     names = ("out", "lse", "dq", "dk", "dv")
     for name, g, w in zip(names, got[:2] + got[2], want[:2] + want[2], strict=True):
         assert_close(g, w, 2e-5, 2e-5, f"{name} (no rpb) {case}")
+
+
+# Issue 12's features at tile boundaries: stride (incl. stride == kernel and causal strides),
+# even kernels, GQA/MQA with a group's rows mixed in one dk/dv step, a value head_dim of its own.
+_FEATURES = [
+    # spatial, kernel, stride, dilation, causal, heads, kv_heads, head_dim, value_dim, block_q,
+    # dq block_q, keys_per_step
+    ((37,), (5,), (2,), (1,), (False,), 2, 2, 8, 8, (16,), (16,), 16),
+    ((45,), (6,), (4,), (2,), (True,), 4, 1, 8, 20, (16,), (16,), 32),
+    ((11, 14), (4, 7), (4, 7), (1, 1), (False, False), 4, 2, 16, 8, (2, 8), (16, 2), 64),
+    ((13, 12), (5, 4), (3, 2), (2, 1), (True, False), 6, 3, 8, 16, (4, 4), (16, 1), 16),
+    ((6, 7, 9), (3, 2, 4), (2, 1, 3), (1, 1, 2), (False, True, False), 2, 1, 4, 12, (1, 2, 8),
+     (1, 16, 2), 32),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,stride,dilation,causal,heads,kv_heads,head_dim,value_dim,block,dq_block,kps",
+    _FEATURES,
+)
+def test_features_at_tile_boundaries(spatial, kernel, stride, dilation, causal, heads, kv_heads,
+                                     head_dim, value_dim, block, dq_block, kps):  # fmt: skip
+    ndim = len(spatial)
+    rng = np.random.default_rng(sum(spatial) + heads)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    q, d_out = normal(2, *spatial, heads, head_dim), normal(2, *spatial, heads, value_dim)
+    k, v = normal(2, *spatial, kv_heads, head_dim), normal(2, *spatial, kv_heads, value_dim)
+    params = make_params(ndim, spatial, head_dim, kernel, dilation, causal, None, stride)
+    rpb = normal(heads, *params.rpb_shape_tail)
+    tile = NATileConfig(block_q=block, keys_per_step=kps)
+    config = NAPallasConfig(fwd=tile, dq=NATileConfig(block_q=dq_block), dkv=tile)
+    got = _grads(lambda *a: na_pallas(*a, params, config=config), q, k, v, rpb, d_out)
+    want = _grads(lambda *a: na_reference(*a, params), q, k, v, rpb, d_out)
+    assert got[0].shape == (2, *spatial, heads, value_dim)
+    for name, g, w in zip(("out", "lse"), got[:2], want[:2], strict=True):
+        assert_close(g, w, 2e-5, 2e-5, f"{name} {spatial} {kernel} {stride}")
+    for name, g, w in zip(("dq", "dk", "dv", "drpb"), got[2], want[2], strict=True):
+        assert g.shape == w.shape, name
+        assert_close(g, w, 2e-5, 2e-5 * (1 + float(jnp.max(jnp.abs(w)))), f"{name} {spatial}")
+
+
+def test_dkv_window_rules_follow_the_spec():
+    """The dk/dv kernel's in-kernel window start/width and its inverse-range tables agree with
+    `spec.axis_windows` (stride, even kernels, dilation groups of unequal length, causal)."""
+    from natjax.ops.na.pallas_dkv import _axis_tables, win_start
+    from natjax.ops.na.pallas_kernels import _Axis
+    from natjax.ops.na.spec import axis_windows
+
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        kernel = int(rng.integers(1, 9))
+        dilation = int(rng.integers(1, 4))
+        length = kernel * dilation + int(rng.integers(0, 12))
+        stride, causal = int(rng.integers(1, kernel + 1)), bool(rng.integers(2))
+        tile = int(rng.choice([1, 2, 4, 8]))
+        ax = _Axis(length, kernel, dilation, causal, tile, stride)
+        win = axis_windows(length, kernel, dilation, causal, stride)
+        i = np.arange(length)
+        g, p = i % dilation, i // dilation
+        glen = (length - g + dilation - 1) // dilation
+        start, width = win_start(ax, jnp.asarray(p, jnp.int32), jnp.asarray(glen, jnp.int32))
+        start, width = np.asarray(start), np.broadcast_to(np.asarray(width), (length,))
+        keys = [set(win.key[n][win.valid[n]] // dilation) for n in range(length)]
+        assert all(
+            keys[n] == set(range(max(start[n], 0), start[n] + width[n])) for n in range(length)
+        ), (length, kernel, dilation, causal, stride)
+        lo, count = _axis_tables(ax)
+        for n in range(length):  # every query attending a key of a tile is in its range
+            for kr in keys[n]:
+                t = kr // tile
+                assert lo[g[n], t] <= p[n] < lo[g[n], t] + count[g[n], t], (n, kr, ax)
+
+
+def test_gqa_sharded_heads():
+    """GQA/MQA under 8 simulated devices with heads sharded: kv heads divisible by the head
+    shards stay sharded (no all-gather); MQA (1 kv head over 2 head shards) falls back to
+    unsplit heads and stays exact. Both mesh kinds."""
+    script = textwrap.dedent(
+        """
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        import jax, jax.numpy as jnp, numpy as np, natjax
+        from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+        rng = np.random.default_rng(0)
+        for kv_heads in (2, 1):
+            q = jnp.asarray(rng.standard_normal((4, 6, 7, 4, 8)), jnp.float32)
+            k = jnp.asarray(rng.standard_normal((4, 6, 7, kv_heads, 8)), jnp.float32)
+            v = jnp.asarray(rng.standard_normal((4, 6, 7, kv_heads, 12)), jnp.float32)
+            rpb = jnp.asarray(rng.standard_normal((4, 5, 5)), jnp.float32)
+            def f(q, k, v, rpb):
+                return natjax.na2d(q, k, v, 3, stride=(1, 2), rpb=rpb, implementation="pallas")
+            def loss(q, k, v, rpb):
+                return jnp.sum(f(q, k, v, rpb) ** 2)
+            want = f(q, k, v, rpb)
+            g0 = jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, rpb)
+            for kind in (AxisType.Explicit, AxisType.Auto):
+                mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(kind, kind))
+                xs = NamedSharding(mesh, P("data", None, None, "model", None))
+                ks = xs if kv_heads == 2 else NamedSharding(mesh, P("data"))
+                rs = NamedSharding(mesh, P("model"))
+                shard = (xs, ks, ks, rs)
+                args = [jax.device_put(x, s) for x, s in zip((q, k, v, rpb), shard)]
+                bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), in_shardings=shard,
+                              out_shardings=shard)
+                if kv_heads == 2:
+                    hlo = bwd.lower(*args).compile().as_text()
+                    assert "all-gather" not in hlo, f"{kind} has an all-gather"
+                with jax.set_mesh(mesh) if kind == AxisType.Explicit else mesh:
+                    out = jax.jit(f, in_shardings=shard)(*args)
+                    grads = bwd(*args)
+                np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+                for a, b in zip(grads, g0):
+                    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+        print("GQA_SHARDING_OK")
+        """
+    )
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert "GQA_SHARDING_OK" in res.stdout, res.stdout + res.stderr
 
 
 def test_lowers_to_triton_for_cuda():

@@ -66,6 +66,7 @@ class _Axis:
     dilation: int
     causal: bool
     tile: int
+    stride: int = 1
 
     @property
     def rows(self) -> int:  # longest dilation group
@@ -73,7 +74,9 @@ class _Axis:
 
     @property
     def tab(self) -> tiles.AxisTiling:
-        return tiles.axis_tiling(self.length, self.kernel, self.dilation, self.causal, self.tile)
+        return tiles.axis_tiling(
+            self.length, self.kernel, self.dilation, self.causal, self.tile, self.stride
+        )
 
     @property
     def tile_eff(self) -> int:  # the shared tables clip a tile to the group rows
@@ -97,13 +100,15 @@ class Geometry:
     """Everything one kernel needs to know statically (hashable: part of the jit cache key)."""
 
     axes: tuple[_Axis, _Axis, _Axis]  # (z, y, x); x is the vector axis
-    head_dim: int  # padded, a power of two
+    head_dim: int  # query/key head_dim, padded to a power of two >= 16
+    value_dim: int  # value head_dim, padded the same way
     scale: float
     has_rpb: bool
     num_warps: int
     num_stages: int
     keys_per_step: int = 64  # dk/dv kernel: queries per inner step
     force_interpret: bool | None = None  # None: decided at lowering (compiled for cuda)
+    group: int = 1  # query heads per kv head (GQA/MQA); set per shard from the operand shapes
 
     @property
     def n(self) -> int:
@@ -168,8 +173,9 @@ class Geometry:
 
 
 def make_geometry(
-    spatial, params: NAParams, head_dim: int, has_rpb: bool, config, interpret=None
-) -> Geometry:
+    spatial, params: NAParams, head_dim: int, has_rpb: bool, config, interpret=None,
+    value_dim: int | None = None,
+) -> Geometry:  # fmt: skip
     """Pads the call to (z, y, x) and fixes one kernel's tile.
 
     Args:
@@ -179,6 +185,7 @@ def make_geometry(
       has_rpb: whether a bias is given.
       config: the kernel's `NATileConfig`.
       interpret: force interpret mode on/off; None decides at lowering.
+      value_dim: value head_dim before padding (None: `head_dim`).
 
     Returns:
       The kernel's `Geometry`.
@@ -188,11 +195,15 @@ def make_geometry(
     axes = [_Axis(1, 1, 1, False, 1) for _ in range(pad)]
     for i, n in enumerate(spatial):
         axes.append(
-            _Axis(n, params.kernel_size[i], params.dilation[i], params.is_causal[i], block[pad + i])
-        )
+            _Axis(
+                n, params.kernel_size[i], params.dilation[i], params.is_causal[i],
+                block[pad + i], params.stride[i],
+            )
+        )  # fmt: skip
     return Geometry(
         axes=tuple(axes),
         head_dim=max(16, next_pow2(head_dim)),
+        value_dim=max(16, next_pow2(head_dim if value_dim is None else value_dim)),
         scale=float(params.scale),
         has_rpb=has_rpb,
         num_warps=config.num_warps,
@@ -390,10 +401,11 @@ def _tile_coords(geo: Geometry):
     return [_div(t, ty * tx), _rem(_div(t, tx), ty), _rem(t, tx)]
 
 
-def _rows(ref, idx, geo: Geometry):
-    """Gathers rows `idx` (`[n]` int32, in range) of a `[N, D]` ref -> `[n, D]`."""
-    cols = jnp.arange(geo.head_dim, dtype=jnp.int32)
-    return ref[idx[:, None], cols[None, :]]
+def _rows(ref, idx, dim: int, col0=None):
+    """Gathers rows `idx` (`[n]` int32, in range) of a `[N, dim]` ref -> `[n, dim]`; with
+    `col0` (`[n]`), columns `col0 + 0..dim-1` of a wider ref (a GQA group's query heads)."""
+    cols = jnp.arange(dim, dtype=jnp.int32)[None, :]
+    return ref[idx[:, None], cols if col0 is None else col0[:, None] + cols]
 
 
 def _store_index(idx, valid, geo: Geometry):
@@ -403,7 +415,7 @@ def _store_index(idx, valid, geo: Geometry):
 
 
 def _store_rows(ref, idx, val, valid, geo: Geometry):
-    cols = jnp.arange(geo.head_dim, dtype=jnp.int32)
+    cols = jnp.arange(val.shape[-1], dtype=jnp.int32)
     mask = valid[:, None] & (cols[None, :] >= 0)
     rows = _store_index(idx, valid, geo)
     plgpu.store(ref.at[rows[:, None], cols[None, :]], val.astype(ref.dtype), mask=mask)
@@ -482,8 +494,8 @@ def _step(geo: Geometry, meta_ref, t_ref, k_ref, v_ref, qt: _QueryTile, q, step,
     py = _position(ax_y, qt.groups[1], qt.hs[1] + ry)
     px = _position(ax_x, qt.groups[2], qt.hs[2] + jj)
     kflat = _flat3(geo, pz, py, px)
-    k = _rows(k_ref, kflat, geo)
-    v = _rows(v_ref, kflat, geo)
+    k = _rows(k_ref, kflat, geo.head_dim)
+    v = _rows(v_ref, kflat, geo.value_dim)
     ok, o = _row_codes(geo, meta_ref, qt, rz, ry, qt.coords[0], qt.coords[1])
     n_o = geo.outer_bins
     sel = jnp.zeros_like(qt.coords[2]) if o is None else o
@@ -498,7 +510,7 @@ def _step(geo: Geometry, meta_ref, t_ref, k_ref, v_ref, qt: _QueryTile, q, step,
 
 def forward_kernel(q_ref, k_ref, v_ref, t_ref, meta_ref, o_ref, lse_ref, *, geo: Geometry):
     qt = _query_tile(geo, meta_ref)
-    q = _rows(q_ref, qt.flat, geo)
+    q = _rows(q_ref, qt.flat, geo.head_dim)
     c = geo.scale * LOG2E
 
     def body(step, carry):
@@ -513,7 +525,7 @@ def forward_kernel(q_ref, k_ref, v_ref, t_ref, meta_ref, o_ref, lse_ref, *, geo:
 
     nq = geo.tile_volume
     init = (
-        jnp.zeros((nq, geo.head_dim), jnp.float32),
+        jnp.zeros((nq, geo.value_dim), jnp.float32),
         jnp.full((nq,), -jnp.inf, jnp.float32),
         jnp.zeros((nq,), jnp.float32),
     )
@@ -536,8 +548,8 @@ def dq_kernel(q_ref, k_ref, v_ref, t_ref, meta_ref, do_ref, lse_ref, di_ref, *re
               geo: Geometry):  # fmt: skip
     dq_ref, e_ref = refs if geo.has_rpb else (refs[0], None)
     qt = _query_tile(geo, meta_ref)
-    q = _rows(q_ref, qt.flat, geo)
-    do = _rows(do_ref, qt.flat, geo)
+    q = _rows(q_ref, qt.flat, geo.head_dim)
+    do = _rows(do_ref, qt.flat, geo.value_dim)
     lse2 = lse_ref[qt.flat] * LOG2E
     di = di_ref[qt.flat]
     c = geo.scale * LOG2E
@@ -593,130 +605,3 @@ def dq_kernel(q_ref, k_ref, v_ref, t_ref, meta_ref, do_ref, lse_ref, di_ref, *re
 
         dq = lax.fori_loop(0, hz, outer, dq0)
     _store_rows(dq_ref, qt.flat, dq * geo.scale, qt.valid, geo)
-
-
-# --------------------------------------------------------------------------------------------
-# dk/dv kernel: key tiles, inverse neighbourhoods, in-kernel windows.
-# --------------------------------------------------------------------------------------------
-
-
-def _win_start(ax: _Axis, p, glen):
-    """NATTEN 0.17 window start in group coordinates (may be < 0 on causal axes)."""
-    if ax.causal:
-        return p - (ax.kernel - 1)
-    return jnp.minimum(jnp.maximum(p - ax.kernel // 2, 0), glen - ax.kernel)
-
-
-def _in_window(ax: _Axis, start, kp):
-    return (kp >= start) & (kp < start + ax.kernel)
-
-
-def _flat(geo: Geometry, groups, pos):
-    """Flat spatial index of group positions `pos` (absolute = group + d * pos)."""
-    absz, absy, absx = (g + a.dilation * p for a, g, p in zip(geo.axes, groups, pos, strict=True))
-    return _flat3(geo, absz, absy, absx)
-
-
-def _inverse_range(ax: _Axis, k0, k1, glen):
-    """Queries (group coordinates) whose windows can contain keys `k0..k1`: `[lo, hi]`.
-
-    Non-causal: `start(p) = clamp(p - K//2, 0, G - K)` is monotone, so the attending queries are
-    contiguous; the first is 0 near the start (shifted windows) and the last is G - 1 near the end.
-    Causal: queries `k .. k + K - 1`.
-    """
-    if ax.causal:
-        return k0, jnp.minimum(k1 + ax.kernel - 1, glen - 1)
-    lo = jnp.where(k0 < ax.kernel, 0, k0 - ax.kernel // 2)
-    hi = jnp.where(k1 >= glen - ax.kernel, glen - 1, k1 + ax.kernel // 2)
-    return lo, hi
-
-
-def dkv_kernel(q_ref, k_ref, v_ref, *refs, geo: Geometry):
-    if geo.has_rpb:
-        rpb_ref, do_ref, lse_ref, di_ref, dk_ref, dv_ref = refs
-    else:
-        (do_ref, lse_ref, di_ref, dk_ref, dv_ref), rpb_ref = refs, None
-    groups, tiles_, _ = _decode_program(geo, pl.program_id(0))
-    glen = [_group_len(a, g) for a, g in zip(geo.axes, groups, strict=True)]
-    coords = _tile_coords(geo)
-    kpos = [t * a.tile + c for a, t, c in zip(geo.axes, tiles_, coords, strict=True)]
-    kvalid = (kpos[0] < glen[0]) & (kpos[1] < glen[1]) & (kpos[2] < glen[2])
-    kflat = jnp.where(kvalid, _flat(geo, groups, kpos), 0)
-    k = _rows(k_ref, kflat, geo)
-    v = _rows(v_ref, kflat, geo)
-    kpos2 = [p[None, :] for p in kpos]
-    los, counts = [], []
-    for ax, t, gl in zip(geo.axes, tiles_, glen, strict=True):
-        k0 = t * ax.tile
-        k1 = jnp.minimum(k0 + ax.tile - 1, gl - 1)
-        lo, hi = _inverse_range(ax, k0, k1, gl)
-        los.append(lo)
-        counts.append(hi - lo + 1)
-    chunk = max(16, next_pow2(geo.axes[2].tile + geo.axes[2].kernel - 1))
-    n_chunks = _div(counts[2] + (chunk - 1), chunk)
-    items = counts[0] * counts[1] * n_chunks  # (z row, y row, x chunk) triples
-    az, ay = geo.axes[:2]
-    max_rows = (az.tile + az.kernel - 1) * (ay.tile + ay.kernel - 1)
-    rows = min(max(1, geo.keys_per_step // chunk), 1 << (max_rows.bit_length() - 1))
-    j = jnp.arange(rows * chunk, dtype=jnp.int32)
-    j_item, j_x = _div(j, chunk), _rem(j, chunk)
-    c = geo.scale * LOG2E
-    ax_ = geo.axes[2]
-    if rpb_ref is not None:
-        # This head's bias in the flat `[h * R]` operand: its offset joins the per-key term.
-        k_term = (kpos[0] * ay.bins + kpos[1]) * ax_.bins + kpos[2] + pl.program_id(1) * geo.rpb_len
-
-    def body(step, carry):
-        dk, dv = carry
-        item = step * rows + j_item
-        item_valid = item < items
-        item = jnp.minimum(item, items - 1)
-        ch = _rem(item, n_chunks)
-        rr = _div(item, n_chunks)
-        qz = los[0] + _div(rr, counts[1])
-        qy = los[1] + _rem(rr, counts[1])
-        qx = los[2] + ch * chunk + j_x
-        qvalid = item_valid & (qx < los[2] + counts[2])
-        qflat = jnp.where(qvalid, _flat(geo, groups, [qz, qy, qx]), 0)
-        q = _rows(q_ref, qflat, geo)
-        do = _rows(do_ref, qflat, geo)
-        lse2 = jnp.where(qvalid, lse_ref[qflat] * LOG2E, -NEG)  # padded queries: p = 0
-        di = di_ref[qflat]
-        qpos = [qz, qy, qx]
-        # Window test per real axis: key - window start in [0, K). Keys past a group's end are
-        # never inside a window, and padded queries have p = 0 (lse2 above): no validity terms.
-        mask = None
-        for a, p, g, kp in zip(geo.axes, qpos, glen, kpos2, strict=True):
-            if a.length == 1 and a.tile == 1:
-                continue
-            # 0 <= off < K as one unsigned compare (a negative offset wraps to >= 2**31).
-            off = kp - _win_start(a, p, g)[:, None]
-            ok = lax.bitcast_convert_type(off, jnp.uint32) < np.uint32(a.kernel)
-            mask = ok if mask is None else mask & ok
-        if mask is None:  # a one-position map
-            mask = jnp.ones((rows * chunk, geo.tile_volume), bool)
-        s = _dot(q, k, trans_b=True) * c
-        if rpb_ref is not None:
-            # The flat bias index sum_a stride_a * (key_a - query_a + K_a - 1) is linear: one add
-            # per score of a per-key and a per-query term.
-            strides = (ay.bins * ax_.bins, ax_.bins, 1)
-            q_term = sum(st * (a.kernel - 1 - p) for st, a, p in zip(strides, geo.axes, qpos,
-                                                                     strict=True))  # fmt: skip
-            # A masked load: out-of-window scores get NEG (finite; s + NEG stays finite), so
-            # neither the index nor the score needs a select.
-            idx = k_term[None, :] + q_term[:, None]
-            s = s + plgpu.load(rpb_ref.at[idx], mask=mask, other=NEG)
-        else:
-            s = jnp.where(mask, s, NEG)
-        p = jnp.exp2(s - lse2[:, None])  # [chunk, nk]
-        dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
-        dp = _dot(do, v, trans_b=True)
-        ds = p * (dp - di[:, None])
-        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True)
-        return dk, dv
-
-    nk = geo.tile_volume
-    zeros = jnp.zeros((nk, geo.head_dim), jnp.float32)
-    dk, dv = lax.fori_loop(0, _div(items + (rows - 1), rows), body, (zeros, zeros))
-    _store_rows(dk_ref, kflat, dk * geo.scale, kvalid, geo)
-    _store_rows(dv_ref, kflat, dv, kvalid, geo)

@@ -38,11 +38,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from natjax.ops.na.pallas_dkv import dkv_kernel, dkv_tables
 from natjax.ops.na.pallas_kernels import (
     LOG2E,
     Geometry,
     bias_table,
-    dkv_kernel,
     dq_kernel,
     drpb_from_partials,
     forward_kernel,
@@ -50,7 +50,7 @@ from natjax.ops.na.pallas_kernels import (
     tables,
 )
 from natjax.ops.na.pallas_tuning import NAPallasConfig, NATileConfig, default_config
-from natjax.ops.na.partition import batch_head_parallel
+from natjax.ops.na.partition import batch_head_parallel, match_sharding
 from natjax.ops.na.spec import NACall, NAParams
 from natjax.ops.na.vjp import na_custom_vjp
 
@@ -73,8 +73,15 @@ class Plan:
 # --------------------------------------------------------------------------------------------
 
 
-def _x_spec(geo):
-    return pl.BlockSpec((None, geo.n, None, geo.head_dim), lambda p, h, b: (b, 0, h, 0))
+def _x_spec(geo, dim: int, kv: bool = False):
+    """A `[N, dim]` block of one head per program; `kv`: of the query head's kv head (GQA/MQA:
+    query head `h` reads kv head `h // group`, no repeat of k/v in memory)."""
+    group = geo.group
+    if kv and group > 1:
+        return pl.BlockSpec(
+            (None, geo.n, None, dim), lambda p, h, b: (b, 0, lax.div(h, np.int32(group)), 0)
+        )
+    return pl.BlockSpec((None, geo.n, None, dim), lambda p, h, b: (b, 0, h, 0))
 
 
 def _row_spec(geo):
@@ -112,13 +119,19 @@ def _call(kernel, geo, name, in_specs, out_specs, out_shape, grid):
 
 def _table_operands(geo: Geometry, rpb_rows, heads: int):
     """The mask/bias table `[h, T]` (float32) and the int32 meta tables `[h, M]` of a query-tile
-    kernel. Built outside the kernels' partitioned op (which may not close over constants) and
-    passed per head like the bias; without a bias both are broadcasts of one row."""
+    kernel, and the dk/dv kernel's window tables `[h, M2]`. Built outside the kernels'
+    partitioned op (which may not close over constants) and passed per head like the bias;
+    without a bias they are broadcasts of one row."""
     table = bias_table(geo, rpb_rows if geo.has_rpb else None)
     table = jnp.broadcast_to(table, (heads, table.shape[1]))
     meta = np.asarray(tables(geo).meta)
     meta = jnp.broadcast_to(jnp.asarray(meta), (heads, meta.size))
     return table, meta
+
+
+def _dkv_meta(geo: Geometry, heads: int):
+    meta = np.asarray(dkv_tables(geo).meta)
+    return jnp.broadcast_to(jnp.asarray(meta), (heads, meta.size))
 
 
 def _flat_spec(size: int):
@@ -133,12 +146,22 @@ def _table_specs(geo: Geometry, heads: int):
     return [_flat_spec(heads * tab.table_len), _head_spec(tab.meta.size, True)]
 
 
+def _with_group(geo: Geometry, q, k) -> Geometry:
+    """The geometry with this shard's GQA group (query heads per kv head) from the shapes."""
+    return dataclasses.replace(geo, group=q.shape[2] // k.shape[2])
+
+
 def _forward_call(geo: Geometry, q, k, v, table, meta):
     b, n, h, dp = q.shape
+    geo = _with_group(geo, q, k)
+    dv = geo.value_dim
+    in_specs = [_x_spec(geo, dp), _x_spec(geo, dp, True), _x_spec(geo, dv, True)]
+    out_shapes = [
+        jax.ShapeDtypeStruct((b, n, h, dv), q.dtype), jax.ShapeDtypeStruct((b, n, h), jnp.float32)
+    ]  # fmt: skip
     out, lse = _call(
-        forward_kernel, geo, "na_pallas_fwd", [_x_spec(geo)] * 3 + _table_specs(geo, h),
-        [_x_spec(geo), _row_spec(geo)],
-        [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, h), jnp.float32)],
+        forward_kernel, geo, "na_pallas_fwd", in_specs + _table_specs(geo, h),
+        [_x_spec(geo, dv), _row_spec(geo)], out_shapes,
         (geo.programs, h, b),
     )(q, k, v, table.reshape(-1), meta)  # fmt: skip
     return out, lse
@@ -146,9 +169,11 @@ def _forward_call(geo: Geometry, q, k, v, table, meta):
 
 def _dq_call(geo: Geometry, q, k, v, table, meta, do, lse, di):
     b, n, h, dp = q.shape
-    specs = [_x_spec(geo)] * 3 + _table_specs(geo, h)
-    specs += [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
-    out_specs = [_x_spec(geo)]
+    geo = _with_group(geo, q, k)
+    dv = geo.value_dim
+    specs = [_x_spec(geo, dp), _x_spec(geo, dp, True), _x_spec(geo, dv, True)]
+    specs += _table_specs(geo, h) + [_x_spec(geo, dv), _row_spec(geo), _row_spec(geo)]
+    out_specs = [_x_spec(geo, dp)]
     out_shapes = [jax.ShapeDtypeStruct(q.shape, q.dtype)]
     if geo.has_rpb:
         eo, ex = geo.drpb_block
@@ -159,17 +184,29 @@ def _dq_call(geo: Geometry, q, k, v, table, meta, do, lse, di):
     return res[0], (res[1] if geo.has_rpb else None)
 
 
-def _dkv_call(geo: Geometry, q, k, v, rpb_rows, do, lse, di):
+def _dkv_call(geo: Geometry, q, k, v, rpb_rows, dmeta, do, lse, di):
+    """dk, dv on a grid over kv heads: each program reads its group's query heads as one
+    `[N, group * D]` block (a free view of `[B, N, h, D]`: a group's heads are adjacent)."""
     b, n, h, dp = q.shape
-    base = [_x_spec(geo)] * 3 + ([_flat_spec(h * geo.rpb_len)] if geo.has_rpb else [])
-    specs = base + [_x_spec(geo), _row_spec(geo), _row_spec(geo)]
+    hk = k.shape[2]
+    geo = _with_group(geo, q, k)
+    grp, dv = geo.group, geo.value_dim
+    q, do = q.reshape(b, n, hk, grp * dp), do.reshape(b, n, hk, grp * dv)
+    if grp > 1:
+        lse, di = lse.reshape(b, n, hk, grp), di.reshape(b, n, hk, grp)
+        row = pl.BlockSpec((None, n, None, grp), lambda p, h, b: (b, 0, h, 0))
+    else:
+        row = _row_spec(geo)
+    base = [_x_spec(geo, grp * dp), _x_spec(geo, dp), _x_spec(geo, dv)]
+    base += [_flat_spec(h * geo.rpb_len)] if geo.has_rpb else []
+    specs = base + [_flat_spec(dmeta.size), _x_spec(geo, grp * dv), row, row]
     # The dk/dv kernel reads the bias directly, pre-scaled to log2 units.
     rpb2 = (rpb_rows.astype(jnp.float32).reshape(-1) * LOG2E,) if geo.has_rpb else ()
-    args = (q, k, v) + rpb2 + (do, lse, di)
+    args = (q, k, v) + rpb2 + (dmeta.reshape(-1), do, lse, di)
     dk, dv = _call(
-        dkv_kernel, geo, "na_pallas_dkv", specs, [_x_spec(geo)] * 2,
+        dkv_kernel, geo, "na_pallas_dkv", specs, [_x_spec(geo, dp), _x_spec(geo, dv)],
         [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        (geo.programs, h, b),
+        (geo.programs, hk, b),
     )(*args)  # fmt: skip
     return dk, dv
 
@@ -179,26 +216,28 @@ def _dkv_call(geo: Geometry, q, k, v, rpb_rows, do, lse, di):
 # --------------------------------------------------------------------------------------------
 
 
-def _to_rows(x, geo: Geometry):
-    """`[B, *S, h, D]` -> `[B, N, h, Dp]` (free reshape; zero-pad D only if needed)."""
+def _to_rows(x, geo: Geometry, dim: int | None = None):
+    """`[B, *S, h, D]` -> `[B, N, h, dim]` (free reshape; zero-pad D to `dim`, by default the
+    padded query/key head_dim, only if needed)."""
     b, h, d = x.shape[0], x.shape[-2], x.shape[-1]
+    dim = geo.head_dim if dim is None else dim
     x = x.reshape(b, geo.n, h, d)
-    if d != geo.head_dim:
-        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, geo.head_dim - d)))
+    if d != dim:
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, dim - d)))
     return x
 
 
-def _from_rows(x, like):
-    return x[..., : like.shape[-1]].reshape(like.shape)
+def _from_rows(x, shape):
+    return x[..., : shape[-1]].reshape(shape)
 
 
 def _rows_forward(plan: Plan, q, k, v, table, meta):
     return _forward_call(plan.fwd, q, k, v, table, meta)
 
 
-def _rows_backward(plan: Plan, q, k, v, rpb_rows, table, meta, do, lse, di):
+def _rows_backward(plan: Plan, q, k, v, rpb_rows, table, meta, dmeta, do, lse, di):
     dq, e = _dq_call(plan.dq, q, k, v, table, meta, do, lse, di)
-    dk, dv = _dkv_call(plan.dkv, q, k, v, rpb_rows, do, lse, di)
+    dk, dv = _dkv_call(plan.dkv, q, k, v, rpb_rows, dmeta, do, lse, di)
     if e is None:  # keep one result structure; a [B, h, 1, 1] zero is free
         e = jnp.zeros((q.shape[0], q.shape[2], 1, 1), jnp.float32)
     return dq, dk, dv, e
@@ -212,14 +251,15 @@ def _rpb_operand(rpb, geo: Geometry, heads: int):
 
 
 def _na_forward(plan: Plan, q, k, v, rpb):
-    op = batch_head_parallel(_rows_forward, plan, ("x", "x", "x", "rpb", "rpb"), ("x", "row"))
+    kinds = ("x", "kv", "kvv", "rpb", "rpb")
+    op = batch_head_parallel(_rows_forward, plan, kinds, ("xv", "row"))
     geo = plan.fwd
     rows = None if rpb is None else _rpb_operand(rpb, geo, q.shape[-2])
     out, lse = op(
-        _to_rows(q, geo), _to_rows(k, geo), _to_rows(v, geo),
+        _to_rows(q, geo), _to_rows(k, geo), _to_rows(v, geo, geo.value_dim),
         *_table_operands(geo, rows, q.shape[-2]),
     )  # fmt: skip
-    return _from_rows(out, q), lse.reshape(q.shape[:-1])
+    return _from_rows(out, q.shape[:-1] + v.shape[-1:]), lse.reshape(q.shape[:-1])
 
 
 def _na_bwd(plan: Plan, res, cts):
@@ -231,15 +271,18 @@ def _na_bwd(plan: Plan, res, cts):
     di = di - d_lse.astype(jnp.float32)
     b, h = q.shape[0], q.shape[-2]
     geo = plan.dq
-    kinds = ("x", "x", "x", "rpb", "rpb", "rpb", "x", "row", "row")
-    op = batch_head_parallel(_rows_backward, plan, kinds, ("x", "x", "x", "drpb"))
+    kinds = ("x", "kv", "kvv", "rpb", "rpb", "rpb", "rpb", "xv", "row", "row")
+    op = batch_head_parallel(_rows_backward, plan, kinds, ("x", "kv", "kvv", "drpb"))
     rows = _rpb_operand(rpb, geo, h)
+    dv_pad = geo.value_dim
     dq, dk, dv, e = op(
-        _to_rows(q, geo), _to_rows(k, geo), _to_rows(v, geo), rows,
-        *_table_operands(geo, None if rpb is None else rows, h),
-        _to_rows(d_out, geo), lse.reshape(b, geo.n, h), di.reshape(b, geo.n, h),
+        _to_rows(q, geo), _to_rows(k, geo), _to_rows(v, geo, dv_pad), rows,
+        *_table_operands(geo, None if rpb is None else rows, h), _dkv_meta(plan.dkv, h),
+        _to_rows(d_out, geo, dv_pad), lse.reshape(b, geo.n, h), di.reshape(b, geo.n, h),
     )  # fmt: skip
-    dq, dk, dv = (_from_rows(g, x) for g, x in ((dq, q), (dk, k), (dv, v)))
+    # Explicit meshes: a caller's k/v may be replicated over heads that the kernels split (or
+    # the reverse, kv heads not divisible by the head shards); cotangents take the primal's type.
+    dq, dk, dv = (match_sharding(_from_rows(g, x.shape), x) for g, x in ((dq, q), (dk, k), (dv, v)))
     drpb = None
     if rpb is not None:
         # Sum the per-batch partials (an all-reduce when the batch is sharded), then map the
@@ -267,12 +310,6 @@ def unsupported_reason(call: NACall) -> str | None:
       A human-readable reason, or None.
     """
     shape, dtype, params = call.q_shape, call.dtype, call.params
-    if params.has_stride or params.has_even_kernel:
-        return "stride > 1 and even kernel sizes are not supported yet"
-    if call.is_gqa or call.value_dim != call.head_dim:
-        return (
-            "GQA/MQA (fewer key/value heads) and a value head_dim of its own are not supported yet"
-        )
     if jnp.dtype(dtype).name not in _SUPPORTED_DTYPES:
         return f"dtype {jnp.dtype(dtype).name} is not supported (float16, bfloat16, float32)"
     if not 1 <= params.ndim <= 3:
@@ -280,6 +317,8 @@ def unsupported_reason(call: NACall) -> str | None:
     head_dim = shape[-1]
     if head_dim > _MAX_HEAD_DIM:
         return f"head_dim {head_dim} > {_MAX_HEAD_DIM} is not supported"
+    if call.value_dim > _MAX_HEAD_DIM:
+        return f"value head_dim {call.value_dim} > {_MAX_HEAD_DIM} is not supported"
     if max(params.kernel_size) > _MAX_KERNEL:
         return f"kernel_size {params.kernel_size} has an entry > {_MAX_KERNEL}"
     if math.prod(shape[1:-2]) >= 2**31 // 2:
@@ -315,7 +354,7 @@ def na_pallas(
     if reason is not None:
         raise ValueError(f"na_pallas: {reason}.")
     if config is None:
-        config = default_config(params, q.shape[-1], q.dtype, rpb is not None)
+        config = default_config(params, q.shape[-1], q.dtype, rpb is not None, v.shape[-1])
     elif isinstance(config, NATileConfig):
         config = NAPallasConfig.same(config)
     if len(config.fwd.block_q) != params.ndim:
@@ -325,7 +364,7 @@ def na_pallas(
         )
     spatial, head_dim, has_rpb = tuple(q.shape[1:-2]), q.shape[-1], rpb is not None
     plan = Plan(*(
-        make_geometry(spatial, params, head_dim, has_rpb, c, interpret)
+        make_geometry(spatial, params, head_dim, has_rpb, c, interpret, v.shape[-1])
         for c in (config.fwd, config.dq, config.dkv)
     ))  # fmt: skip
     plan.dq.check("dq")

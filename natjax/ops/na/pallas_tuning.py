@@ -102,7 +102,9 @@ def _warps(head_dim: int) -> int:
     return 4 if head_dim <= 64 else 8
 
 
-def default_config(params: NAParams, head_dim: int, dtype, has_rpb: bool = True) -> NAPallasConfig:
+def default_config(
+    params: NAParams, head_dim: int, dtype, has_rpb: bool = True, value_dim: int | None = None
+) -> NAPallasConfig:
     """Tiles per kernel, chosen with the compile gate (`experiments/compile_gate.py`: no spills,
     >= 2 resident blocks per SM where the table allows it); not yet timed on a GPU.
 
@@ -112,18 +114,25 @@ def default_config(params: NAParams, head_dim: int, dtype, has_rpb: bool = True)
     * dq with a bias: `Tz * Ty = 16` query rows (the d_rpb matmul contracts over them) and a
       narrow `Tx = 4` (16-key rows for every kernel size up to 13);
     * dk/dv: the forward's tile, halved in x for float32 (IEEE float32 dots hold more registers)
-      and at most 32 keys at head_dim 128 (two resident blocks per SM).
+      and at most 32 keys at head_dim 128 (two resident blocks per SM); a wide value head_dim
+      over a narrow query/key one (e.g. 128 over 16) takes 4 warps and the smallest tiles (8
+      warps hold 225 registers per thread there: one block per SM; float32 keeps 8 warps,
+      4 spill).
 
     Args:
       params: the call's window arguments.
-      head_dim: size of the head dimension (before padding).
+      head_dim: size of the query/key head dimension (before padding).
       dtype: input dtype.
       has_rpb: whether a bias is given (changes the dq tile).
+      value_dim: the value's head dimension (None: `head_dim`).
 
     Returns:
       A validated `NAPallasConfig`.
     """
     f32 = str(dtype) == "float32" or getattr(dtype, "name", "") == "float32"
+    value_dim = head_dim if value_dim is None else value_dim
+    wide_value_only = value_dim > 64 >= head_dim and not f32
+    head_dim = max(head_dim, value_dim)  # the tiles below follow the wider of the two
     wide = head_dim > 64
     if params.ndim == 1:
         fwd = (32,) if not f32 else (16,)
@@ -144,10 +153,14 @@ def default_config(params: NAParams, head_dim: int, dtype, has_rpb: bool = True)
     warps = _warps(head_dim)
     make = lambda block, kps=64, stages=2: NATileConfig(block, warps, stages, kps)  # noqa: E731
     # dk/dv: fewer queries per step for float32 (IEEE dots) and head_dim 128.
-    if f32 and wide:  # IEEE float32 dots at head_dim 128: the smallest dk/dv steps
+    if (f32 and wide) or wide_value_only:  # the smallest dk/dv steps (IEEE float32 dots at
+        # head_dim 128; a wide value over narrow q/k rows, compile gate)
         dkv = {1: (16,), 2: (2, 8), 3: (1, 2, 8)}[params.ndim]
     elif wide:  # head_dim 128, 8 warps: <= 32 keys keep dk/dv ([keys, 128] f32 each) and the
         # tiles within 128 registers, so two blocks stay resident per SM (compile gate)
         dkv = {1: (16,), 2: (4, 8), 3: (1, 4, 8)}[params.ndim]
     kps = (16 if wide else 32) if f32 else (32 if wide else 64)
-    return NAPallasConfig(fwd=make(fwd), dq=make(dq), dkv=make(dkv, kps, 1))
+    dkv_cfg = make(dkv, kps, 1)
+    if wide_value_only:
+        dkv_cfg = NATileConfig(dkv, 4, 1, kps)
+    return NAPallasConfig(fwd=make(fwd), dq=make(dq), dkv=dkv_cfg)

@@ -11,8 +11,16 @@ context manager and works with the plain `jax.jit(..., in_shardings=...)` style.
 folds the vmapped axis into the head axis (heads are independent, and the bias is per head).
 
 Array kinds (the op's operands/results):
-  * ``"x"``: `[B, N, h, D]`; ``"row"``: `[B, N, h]`; ``"rpb"``: `[h, R]`;
+  * ``"x"``: `[B, N, h, D]`; ``"xv"``: `[B, N, h, Dv]` (a value head_dim of its own);
+  * ``"kv"``: `[B, N, hk, D]` and ``"kvv"``: `[B, N, hk, Dv]`, key/value with `hk` kv heads
+    (GQA/MQA: query head `i` reads kv head `i // (h // hk)`);
+  * ``"row"``: `[B, N, h]`; ``"rpb"``: `[h, R]`;
   * ``"drpb"``: `[B, h, O, X]` (per-batch bias-gradient partials, reduced by the caller).
+
+Heads and kv heads are sharded over the same mesh axes: a shard of `h / m` query heads then holds
+exactly the `hk / m` kv heads they read (contiguous blocks), and `op` sees the same group size.
+When `hk` is not divisible by the head shards `m`, the heads are not split (only the batch is;
+XLA gathers the heads first): correct, and the caller's sharding is kept everywhere else.
 """
 
 from __future__ import annotations
@@ -25,14 +33,20 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-_FACTORS = {"x": "b n h d", "row": "b n h", "rpb": "h r", "drpb": "b h o u"}
-_REPLICATED = ("n", "d", "r", "o", "u")
-_HEAD_AXIS = {"x": 2, "row": 2, "rpb": 0, "drpb": 1}
+_FACTORS = {
+    "x": "b n h d", "xv": "b n h e", "kv": "b n k d", "kvv": "b n k e", "row": "b n h",
+    "rpb": "h r", "drpb": "b h o u",
+}  # fmt: skip
+_REPLICATED = ("n", "d", "e", "r", "o", "u")
+_HEAD_AXIS = {"x": 2, "xv": 2, "kv": 2, "kvv": 2, "row": 2, "rpb": 0, "drpb": 1}
 
 
 def _spec(kind: str, batch, head) -> P:
     return {
         "x": P(batch, None, head, None),
+        "xv": P(batch, None, head, None),
+        "kv": P(batch, None, head, None),
+        "kvv": P(batch, None, head, None),
         "row": P(batch, None, head),
         "rpb": P(head, None),
         "drpb": P(batch, head, None, None),
@@ -43,6 +57,26 @@ def _batch_head_axes(sharding, ndim: int):
     """Mesh axes of dims 0 (batch) and 2 (heads) of the first operand (an "x")."""
     spec = tuple(getattr(sharding, "spec", ())) + (None,) * ndim
     return spec[0], spec[2]
+
+
+def _axes_size(mesh, axes) -> int:
+    """Number of shards along `axes` (None, one mesh axis name, or a tuple of them)."""
+    if axes is None:
+        return 1
+    names = axes if isinstance(axes, tuple) else (axes,)
+    size = 1
+    for name in names:
+        size *= mesh.shape[name]
+    return size
+
+
+def _head_axes_for(mesh, head, kinds, shapes):
+    """`head`, or None when some kv-head operand's head count is not divisible by its shards."""
+    shards = _axes_size(mesh, head)
+    for kind, shape in zip(kinds, shapes, strict=True):
+        if kind in ("kv", "kvv") and shape[2] % shards:
+            return None
+    return head
 
 
 def _explicit_mesh(x):
@@ -97,7 +131,8 @@ def explicit_batch_head_map(
     explicit = _explicit_mesh(args[0])
     if explicit is None:
         return tuple(fn(*args))
-    mesh, batch, head = explicit
+    mesh, batch, caller_head = explicit
+    head = _head_axes_for(mesh, caller_head, kinds_in, [a.shape for a in args])
     in_specs = tuple(_spec(k, batch, head) for k in kinds_in)
     out_specs = tuple(_spec(k, batch, head) for k in kinds_out)
     args = tuple(
@@ -108,7 +143,36 @@ def explicit_batch_head_map(
         lambda *a: tuple(fn(*a)), mesh=mesh, in_specs=in_specs, out_specs=out_specs,
         check_vma=False,
     )  # fmt: skip
-    return mapped(*args)
+    outs = mapped(*args)
+    if head == caller_head:
+        return outs
+    # Heads were not split (kv heads not divisible by the head shards): give the query-head
+    # results the caller's head sharding back (a local slice of a replicated array).
+    return tuple(
+        o
+        if k in ("kv", "kvv")
+        else jax.sharding.reshard(o, NamedSharding(mesh, _spec(k, batch, caller_head)))
+        for o, k in zip(outs, kinds_out, strict=True)
+    )
+
+
+def match_sharding(x: jax.Array, like: jax.Array) -> jax.Array:
+    """`x` resharded to `like`'s sharding when `like`'s type carries an explicit mesh (a custom
+    VJP's cotangent must have its primal's type, sharding included); else `x` unchanged.
+
+    Args:
+      x: an array of `like`'s shape.
+      like: the array whose sharding `x` takes.
+
+    Returns:
+      `x`, resharded where needed.
+    """
+    if _explicit_mesh(like) is None:
+        return x
+    sharding = jax.typeof(like).sharding
+    if jax.typeof(x).sharding == sharding:
+        return x
+    return jax.sharding.reshard(x, sharding)
 
 
 def batch_head_parallel(
@@ -134,6 +198,7 @@ def batch_head_parallel(
 
     def shardings(mesh, arg_shapes):
         batch, head = _batch_head_axes(arg_shapes[0].sharding, len(arg_shapes[0].shape))
+        head = _head_axes_for(mesh, head, kinds_in, [a.shape for a in arg_shapes])
         named = lambda kind: NamedSharding(mesh, _spec(kind, batch, head))  # noqa: E731
         return tuple(named(k) for k in kinds_in), tuple(named(k) for k in kinds_out)
 
