@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from natjax.ops.na.nonfinite import reads_nonfinite_as_zero
 from natjax.ops.na.partition import batch_head_parallel
 from natjax.ops.na.spec import NACall, NAParams, axis_windows
 from natjax.ops.na.vjp import na_custom_vjp
@@ -416,8 +417,13 @@ def unsupported_reason(call: NACall) -> str | None:
     return None
 
 
+@reads_nonfinite_as_zero
 def na_ffi(q, k, v, rpb, params: NAParams):
     """Neighborhood attention with the native CPU kernels (`natjax-ffi`).
+
+    The kernels read every NaN/inf entry of `q`, `k` and `v` as 0 (forward and backward), which
+    is what the op's NaN/inf confinement (`nonfinite.py`) runs its backends on: it passes this
+    backend the raw inputs, without a substituted copy.
 
     Args:
       q: `[batch, *spatial, heads, head_dim]`; k: `[batch, *spatial, kv_heads, head_dim]`;
