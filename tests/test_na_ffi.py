@@ -224,10 +224,15 @@ def test_kernels_read_nonfinite_inputs_as_zero(spatial, kernel, dilation, causal
             assert np.isfinite(np.asarray(g, np.float64)).all(), name
 
 
-def test_confinement_passes_raw_inputs_to_ffi():
-    """na2d(implementation="ffi") gives the ffi kernels the raw inputs (no substituted copy in
-    the program) and the same bits as today's wrapper-substituted path, forward and backward."""
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "older-library"])
+def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, in_kernel):
+    """na2d(implementation="ffi") gives the ffi backend the raw inputs (no substituted copy in
+    the program) and the same bits as the wrapper-substituted path, forward and backward; a
+    library without the in-kernel substitution (natjax-ffi < 0.2) gets a substituted copy."""
     from natjax.ops.na.nonfinite import confine_nonfinite, reads_nonfinite_as_zero
+
+    if not in_kernel:
+        monkeypatch.setattr(ffi, "_kernels_read_nonfinite_as_zero", lambda: False)
 
     rng = np.random.default_rng(5)
     spatial, heads = (9, 11), 2
@@ -254,6 +259,14 @@ def test_confinement_passes_raw_inputs_to_ffi():
     for name, g, w in zip(_NAMES, got, want, strict=True):
         assert np.array_equal(np.asarray(g), np.asarray(w), equal_nan=True), name
     assert not np.isfinite(np.asarray(got[0])).all()  # the fix-up still applies
+
+
+def test_library_reads_nonfinite_as_zero_since_0_2():
+    """natjax-ffi 0.2 and later export the in-kernel substitution that na_ffi relies on."""
+    import natjax_ffi
+
+    major, minor = (int(x) for x in natjax_ffi.__version__.split(".")[:2])
+    assert ffi._kernels_read_nonfinite_as_zero() == ((major, minor) >= (0, 2))
 
 
 def test_axis_tables_match_brute_force():

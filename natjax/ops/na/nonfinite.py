@@ -51,15 +51,15 @@ from natjax.ops.na.spec import NAParams, axis_windows
 
 
 @jax.custom_jvp
-def _zero_nonfinite(x):
+def zero_nonfinite(x):
     """`x` with NaN/inf entries replaced by 0; its derivative is taken to be the identity."""
     return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
-@_zero_nonfinite.defjvp
-def _zero_nonfinite_jvp(primals, tangents):
+@zero_nonfinite.defjvp
+def zero_nonfinite_jvp(primals, tangents):
     # Identity: the cotangent of a substituted entry is kept (for v it is NATTEN's attn^T d_out).
-    return _zero_nonfinite(primals[0]), tangents[0]
+    return zero_nonfinite(primals[0]), tangents[0]
 
 
 # Attribute of a backend function that substitutes non-finite q, k, v entries by 0 itself.
@@ -95,7 +95,7 @@ def with_zeroed_inputs(fn: Callable) -> Callable:
     """
 
     def wrapped(q, k, v, rpb):
-        return fn(_zero_nonfinite(q), _zero_nonfinite(k), _zero_nonfinite(v), rpb)
+        return fn(zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), rpb)
 
     return wrapped
 
@@ -211,7 +211,7 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     if getattr(fn, _READS_NONFINITE_AS_ZERO, False):
         out, lse = fn(q, k, v, rpb, params)
     else:
-        out, lse = fn(_zero_nonfinite(q), _zero_nonfinite(k), _zero_nonfinite(v), rpb, params)
+        out, lse = fn(zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), rpb, params)
     nonfinite = ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)) & jnp.all(jnp.isfinite(v)))
     sg = jax.lax.stop_gradient
     # Branch 1 (True) computes the fix-up (named CONFINED_SCOPE); branch 0 adds nothing.
