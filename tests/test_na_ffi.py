@@ -179,6 +179,96 @@ def test_one_pass_backward_with_gqa():
         assert_close(g, w, 2e-5, 2e-5, name)
 
 
+def _poison(rng, x, frac=0.03):
+    """`x` with a fraction of its entries set to NaN, +inf or -inf."""
+    x = np.array(x)
+    hit = rng.random(x.shape) < frac
+    x[hit] = rng.choice(np.array([np.nan, np.inf, -np.inf]), size=int(hit.sum()))
+    return x
+
+
+@pytest.mark.parametrize(
+    "spatial,kernel,dilation,causal,batch,heads,kv_heads,dtype",
+    [
+        ((14, 14), 7, 1, False, 2, 2, 2, "float32"),  # blocked forward, dq + dk/dv passes
+        ((7, 8), 3, (2, 1), (False, True), 8, 4, 2, "float32"),  # one-pass backward, GQA
+        ((37,), 7, 5, True, 1, 2, 1, "float16"),  # per-query forward, MQA
+        ((5, 6, 7), 3, 1, False, 2, 2, 2, "bfloat16"),
+        ((9, 10), 3, 1, False, 2, 2, 2, "float64"),  # the generic (non-AVX) kernels
+    ],
+)
+def test_kernels_read_nonfinite_inputs_as_zero(spatial, kernel, dilation, causal, batch, heads,
+                                               kv_heads, dtype):  # fmt: skip
+    """The kernels take every NaN/inf entry of q, k, v as 0 (what nonfinite.py would otherwise
+    substitute in a copy): outputs and gradients bit-identical to the call on substituted
+    inputs, in every kernel path and dtype."""
+    rng = np.random.default_rng(sum(spatial) + heads)
+    with jax.enable_x64(dtype == "float64"):
+        params = make_params(len(spatial), spatial, 8, kernel, dilation, causal, None)
+        dt = jnp.dtype(dtype)
+        acc = jnp.float64 if dtype == "float64" else jnp.float32
+        q = _poison(rng, rng.standard_normal((batch, *spatial, heads, 8)))
+        k = _poison(rng, rng.standard_normal((batch, *spatial, kv_heads, 8)))
+        v = _poison(rng, rng.standard_normal((batch, *spatial, kv_heads, 8)))
+        raw = [jnp.asarray(x, dt) for x in (q, k, v)]
+        zeroed = [jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x)) for x in raw]
+        assert not all(bool(jnp.all(jnp.isfinite(x))) for x in raw)
+        rpb = jnp.asarray(rng.standard_normal((heads, *params.rpb_shape_tail)), acc)
+        d_out = jnp.asarray(rng.standard_normal((batch, *spatial, heads, 8)), dt)
+        fn = lambda *a: ffi.na_ffi(*a, params)  # noqa: E731
+        got = _value_and_grads(fn, *raw, rpb, d_out)
+        want = _value_and_grads(fn, *zeroed, rpb, d_out)
+        for name, g, w in zip(_NAMES, got, want, strict=True):
+            assert g.dtype == w.dtype, name
+            assert np.array_equal(np.asarray(g, np.float64), np.asarray(w, np.float64)), name
+            assert np.isfinite(np.asarray(g, np.float64)).all(), name
+
+
+@pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "older-library"])
+def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, in_kernel):
+    """na2d(implementation="ffi") gives the ffi backend the raw inputs (no substituted copy in
+    the program) and the same bits as the wrapper-substituted path, forward and backward; a
+    library without the in-kernel substitution (natjax-ffi < 0.2) gets a substituted copy."""
+    from natjax.ops.na.nonfinite import confine_nonfinite, reads_nonfinite_as_zero
+
+    if not in_kernel:
+        monkeypatch.setattr(ffi, "_kernels_read_nonfinite_as_zero", lambda: False)
+
+    rng = np.random.default_rng(5)
+    spatial, heads = (9, 11), 2
+    params = make_params(2, spatial, 8, 5, 1, False, None)
+    q, k, v = (jnp.asarray(_poison(rng, rng.standard_normal((2, *spatial, heads, 8))),
+                           jnp.float32) for _ in range(3))  # fmt: skip
+    rpb = jnp.asarray(rng.standard_normal((heads, *params.rpb_shape_tail)), jnp.float32)
+    d_out = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    seen = []
+
+    def spy(q, k, v, rpb, params):
+        seen.append(bool(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k))))
+        return ffi.na_ffi(q, k, v, rpb, params)
+
+    confine_nonfinite(spy, q, k, v, rpb, params)  # unmarked: gets the substituted inputs
+    confine_nonfinite(reads_nonfinite_as_zero(spy), q, k, v, rpb, params)
+    assert seen == [True, False]
+    unmarked = lambda *a: confine_nonfinite(lambda *b: ffi.na_ffi(*b), *a, params)  # noqa: E731
+    marked = lambda q, k, v, rpb: natjax.na2d(  # noqa: E731
+        q, k, v, 5, rpb=rpb, return_lse=True, implementation="ffi"
+    )
+    got = _value_and_grads(marked, q, k, v, rpb, d_out)
+    want = _value_and_grads(unmarked, q, k, v, rpb, d_out)
+    for name, g, w in zip(_NAMES, got, want, strict=True):
+        assert np.array_equal(np.asarray(g), np.asarray(w), equal_nan=True), name
+    assert not np.isfinite(np.asarray(got[0])).all()  # the fix-up still applies
+
+
+def test_library_reads_nonfinite_as_zero_since_0_2():
+    """natjax-ffi 0.2 and later export the in-kernel substitution that na_ffi relies on."""
+    import natjax_ffi
+
+    major, minor = (int(x) for x in natjax_ffi.__version__.split(".")[:2])
+    assert ffi._kernels_read_nonfinite_as_zero() == ((major, minor) >= (0, 2))
+
+
 def test_axis_tables_match_brute_force():
     for length, kernel, dilation, causal in [(13, 5, 2, False), (10, 3, 3, True), (7, 7, 1, False)]:
         win = axis_windows(length, kernel, dilation, causal)

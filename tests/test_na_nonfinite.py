@@ -30,6 +30,9 @@ BACKENDS = [
     "xla_tiled",
     "pallas",  # interpret mode on CPU
     pytest.param("ffi", marks=pytest.mark.skipif(not ffi.available(), reason="no natjax-ffi")),
+    # implementation=None: on CPU the ffi kernels where installed (they read NaN/inf as 0
+    # themselves), else the branches substituted by platform.na_default.
+    pytest.param(None, id="None"),
 ]
 # spatial, kernel, dilation, causal
 GEOMETRIES = {

@@ -42,10 +42,10 @@ constexpr int64_t kBlockSlots = 1024;  // logit slots per query (4 KiB; 16 KiB p
 // on 12^3 (kernel 5) [90], but 0.80-0.97x on 56x56 [91] and 0.69-0.97x on 1-D 2048 [65].
 constexpr int64_t kBlockHaloBytes = 32 * 1024;
 
-// The keys of `box`, transposed: feature c of halo position p at kt[c * ld + p]. `ld` leaves
-// 16 readable floats past the last position (the micro-kernel's vectors may cross the end of
-// a row: those lanes are masked) and is kept off multiples of 1 KiB (L1 set aliasing between
-// the feature rows).
+// The keys of `box` (non-finite elements read as 0, `Read::kInput`), transposed: feature c of
+// halo position p at kt[c * ld + p]. `ld` leaves 16 readable floats past the last position (the
+// micro-kernel's vectors may cross the end of a row: those lanes are masked) and is kept off
+// multiples of 1 KiB (L1 set aliasing between the feature rows).
 template <typename T>
 const float* box_transposed(const Geometry& g, const T* src, int64_t b, int64_t head,
                             int64_t nheads, int64_t dim, const Range box[kAxes], int64_t* ld,
@@ -63,7 +63,7 @@ const float* box_transposed(const Geometry& g, const T* src, int64_t b, int64_t 
   auto flush = [&] {
     for (int64_t c = 0; c < dim; ++c) {
       float* d = pack.data() + c * l + p;
-      for (int64_t t = 0; t < n; ++t) d[t] = to_float(rows[t][c]);
+      for (int64_t t = 0; t < n; ++t) d[t] = read_value<float>(rows[t][c], Read::kInput);
     }
     p += n;
     n = 0;
@@ -248,7 +248,8 @@ void forward_block(const Geometry& g, const FwdArgs<T, float>& args, const View<
   const float scale = static_cast<float>(g.scale);
   s.q.assign(kBlockQ * dl, 0.f);
   for (int64_t i = 0; i < nq; ++i)
-    load_row(args.q + rows[i] * g.head_dim, g.head_dim, scale, s.q.data() + i * dl, dl);
+    load_row(args.q + rows[i] * g.head_dim, g.head_dim, scale, s.q.data() + i * dl, dl,
+             Read::kInput);
   // Vector offsets into kt (halo positions) of each union row's 8-key groups.
   const int64_t nv = W / 8;
   s.off.resize(nrows * nv);
@@ -267,7 +268,7 @@ void forward_block(const Geometry& g, const FwdArgs<T, float>& args, const View<
   qk_block(s.q.data(), dl, g.head_dim, kt, ldt, s.off.data(), nrows * nv, s.s.data(), lds);
   // Mask, bias, softmax per query (exact: the whole block fits).
   const __m256 neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  float l_sum[kBlockQ], m_max[kBlockQ];
+  float l_sum[kBlockQ] = {}, m_max[kBlockQ] = {};  // set for the nq queries used
   for (int64_t i = 0; i < kBlockQ; ++i) {
     float* si = s.s.data() + i * lds;
     if (i >= nq) {
@@ -330,7 +331,8 @@ void forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, int6
   // in L1; elsewhere the per-query kernel.
   if (qr[1].count < 2 || box_volume(kh) * g.head_dim * int64_t{sizeof(float)} > kBlockHaloBytes)
     return forward_unit<T, float>(g, args, unit);
-  const View<float> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v);
+  const View<float> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
+                                 Read::kInput);
   int64_t ldt = 0;
   const float* kt = box_transposed(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &ldt, bs.kt);
   const int64_t halo_s1 = kh[2].count, halo_s0 = kh[1].count * kh[2].count;
@@ -390,10 +392,10 @@ void forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, int6
           continue;
         }
         if (!have_k) {
-          K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k);
+          K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k, Read::kInput);
           have_k = true;
         }
-        load_row(args.q + rows[i] * g.head_dim, g.head_dim, scale, s.rowq.data(), dl);
+        load_row(args.q + rows[i] * g.head_dim, g.head_dim, scale, s.rowq.data(), dl, Read::kInput);
         forward_query(g, args, K, V, bias, w[i], rows[i], cap, s.rowq.data(), s.acc.data(),
                       s.logit.data(), s.p.data());
       }

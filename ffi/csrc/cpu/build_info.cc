@@ -14,3 +14,7 @@ extern "C" const char* natjax_ffi_build_info() {
 #endif
       ;
 }
+
+// Present since natjax-ffi 0.2: the kernels read NaN/inf entries of q, k and v as 0 (natjax
+// checks for this symbol, and gives older libraries a zero-substituted copy instead).
+extern "C" int natjax_ffi_reads_nonfinite_as_zero() { return 1; }

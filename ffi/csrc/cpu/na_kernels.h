@@ -19,6 +19,11 @@
 //   dk = scale * sum ds q,  dv = sum p dO  over the key's *inverse* neighborhood: every dk/dv
 //   row is owned by one unit (no atomics, deterministic);
 //   d_rpb: each dq unit bins ds into its own partial buffer, reduced in a fixed order.
+//
+// Non-finite inputs: every element of q, k and v is read as 0 when it is NaN or +-inf
+// (`Read::kInput`), exactly what the op's NaN/inf confinement (natjax/ops/na/nonfinite.py)
+// computes on its zero-substituted inputs, so the wrapper skips its substituted copy of q, k, v
+// for this backend and only adds its fix-up. The cotangent d_out is read as it is (`kExact`).
 #pragma once
 
 #include <algorithm>
@@ -93,12 +98,30 @@ void trim_scratch(Scratch<A>& s) {
 
 inline int64_t box_volume(const Range r[kAxes]) { return r[0].count * r[1].count * r[2].count; }
 
+// How an operand is read: q, k and v with non-finite elements as 0 (see the top), the
+// cotangent d_out exactly.
+enum class Read { kInput, kExact };
+
+// x, or 0 where x is NaN or +-inf (a compare and a mask: vectorises, unlike a branch).
+template <typename A>
+inline A finite_or_zero(A x) {
+  return std::fabs(x) <= std::numeric_limits<A>::max() ? x : A(0);
+}
+
+// One element of an operand converted to the accumulation type, read as `how` says.
+template <typename A, typename T>
+inline A read_value(T x, Read how) {
+  const A y = static_cast<A>(to_float(x));
+  return how == Read::kInput ? finite_or_zero(y) : y;
+}
+
 // The rows ([B, N, nheads, dim] layout) of `box`, packed into `pack` (converted, zero-padded
 // to `ld`): contiguous rows in a small buffer. Reading float32 inputs in place through strides
 // was measured 1.5x slower (rows 2*H*D bytes apart alias in L1), despite saving the copy.
 template <typename T, typename A>
 View<A> box_view(const Geometry& g, const T* src, int64_t b, int64_t head, int64_t nheads,
-                 int64_t dim, const Range box[kAxes], int64_t ld, std::vector<A>& pack) {
+                 int64_t dim, const Range box[kAxes], int64_t ld, std::vector<A>& pack,
+                 Read how) {
   pack.resize(box_volume(box) * ld);
   A* d = pack.data();
   for (int64_t x0 = 0; x0 < box[0].count; ++x0) {
@@ -108,7 +131,7 @@ View<A> box_view(const Geometry& g, const T* src, int64_t b, int64_t head, int64
       for (int64_t x2 = 0; x2 < box[2].count; ++x2, d += ld) {
         const int64_t p2 = box[2].start + g.axis[2].dilation * x2;
         const T* s = src + ((b * g.tokens + g.flat(p0, p1, p2)) * nheads + head) * dim;
-        for (int64_t c = 0; c < dim; ++c) d[c] = static_cast<A>(to_float(s[c]));
+        for (int64_t c = 0; c < dim; ++c) d[c] = read_value<A>(s[c], how);
         for (int64_t c = dim; c < ld; ++c) d[c] = 0;
       }
     }
@@ -140,10 +163,10 @@ inline void prefetch_row(const T* p, int64_t dim) {
     __builtin_prefetch(reinterpret_cast<const char*>(p) + c);
 }
 
-// Loads one input row, converted and multiplied by `scale`, zero-padded to `ld`.
+// Loads one operand row, read as `how` says, multiplied by `scale`, zero-padded to `ld`.
 template <typename T, typename A>
-void load_row(const T* src, int64_t dim, A scale, A* dst, int64_t ld) {
-  for (int64_t c = 0; c < dim; ++c) dst[c] = static_cast<A>(to_float(src[c])) * scale;
+void load_row(const T* src, int64_t dim, A scale, A* dst, int64_t ld, Read how) {
+  for (int64_t c = 0; c < dim; ++c) dst[c] = read_value<A>(src[c], how) * scale;
   for (int64_t c = dim; c < ld; ++c) dst[c] = 0;
 }
 
@@ -280,8 +303,9 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
   Range qr[kAxes], kh[kAxes];
   g.tile_ranges(tile, qr);
   for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
-  const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k);
-  const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v);
+  const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k, Read::kInput);
+  const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
+                             Read::kInput);
   const int64_t cap = chunk_capacity(g);
   s.logit.resize(2 * cap);
   s.p.resize(2 * cap);
@@ -317,7 +341,7 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
         return can_pair(wa, wb, &u0, &un);
       }();
       const int64_t row_a = row_of(t, h);
-      load_row(args.q + row_a * g.head_dim, g.head_dim, scale, qa, dl);
+      load_row(args.q + row_a * g.head_dim, g.head_dim, scale, qa, dl, Read::kInput);
       std::fill(acc_a, acc_a + dvl, A(0));
       Softmax<A> sa, sb;
       if (!pair) {
@@ -327,7 +351,7 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
       }
       const Window wb(g, order[t + 1].p, kh);
       const int64_t row_b = row_of(t + 1, h);
-      load_row(args.q + row_b * g.head_dim, g.head_dim, scale, qb, dl);
+      load_row(args.q + row_b * g.head_dim, g.head_dim, scale, qb, dl, Read::kInput);
       std::fill(acc_b, acc_b + dvl, A(0));
       const int64_t off_a = wa.o[2] - u0, off_b = wb.o[2] - u0;
       const int64_t width = pad_lanes(un), per_chunk = std::max<int64_t>(1, cap / width);
@@ -386,8 +410,10 @@ void dq_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
     Range qr[kAxes], kh[kAxes];
     g.tile_ranges(tile, qr);
     for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
-    const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k);
-    const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v);
+    const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k,
+                               Read::kInput);
+    const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
+                               Read::kInput);
     box_positions(g, qr, s.order);
     for (int64_t hh = 0; hh < group; ++hh) {
       const int64_t h = kvh * group + hh;
@@ -398,8 +424,9 @@ void dq_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
           {
             const int64_t* i = pos.p;
             const int64_t row = (b * g.tokens + g.flat(i[0], i[1], i[2])) * g.heads + h;
-            load_row(args.q + row * g.head_dim, g.head_dim, scale, s.rowq.data(), dl);
-            load_row(args.d_out + row * g.value_dim, g.value_dim, A(1), s.rowdo.data(), dvl);
+            load_row(args.q + row * g.head_dim, g.head_dim, scale, s.rowq.data(), dl, Read::kInput);
+            load_row(args.d_out + row * g.value_dim, g.value_dim, A(1), s.rowdo.data(), dvl,
+                     Read::kExact);
             const T* os = args.out + row * g.value_dim;
             A delta = 0;
             for (int64_t c = 0; c < g.value_dim; ++c)
@@ -462,8 +489,9 @@ void dkv_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
   g.tile_ranges(tile, kr);
   for (int a = 0; a < kAxes; ++a) qh[a] = g.query_halo(a, kr[a]);
   const int64_t tvol = box_volume(kr), qvol = box_volume(qh);
-  const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kr, dl, s.k);
-  const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kr, dvl, s.v);
+  const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kr, dl, s.k, Read::kInput);
+  const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kr, dvl, s.v,
+                             Read::kInput);
   s.dk.assign(tvol * dl, A(0));
   s.dv.assign(tvol * dvl, A(0));
   const int64_t cap = chunk_capacity(g);
@@ -474,8 +502,9 @@ void dkv_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
   box_positions(g, kr, s.order);
   for (int64_t hh = 0; hh < group && qvol > 0; ++hh) {
     const int64_t h = kvh * group + hh;
-    const View<A> Q = box_view(g, args.q, b, h, g.heads, g.head_dim, qh, dl, s.q);
-    const View<A> DO = box_view(g, args.d_out, b, h, g.heads, g.value_dim, qh, dvl, s.dout);
+    const View<A> Q = box_view(g, args.q, b, h, g.heads, g.head_dim, qh, dl, s.q, Read::kInput);
+    const View<A> DO = box_view(g, args.d_out, b, h, g.heads, g.value_dim, qh, dvl, s.dout,
+                                   Read::kExact);
     const View<A> LSE = scalar_view(g, args.lse, b, h, qh);
     const View<A> DELTA = scalar_view(g, static_cast<const A*>(args.delta), b, h, qh);
     const A* bias = padded_bias(g, args.rpb, h, s.bias);
@@ -606,8 +635,10 @@ void bwd_fused_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) 
     Range qr[kAxes], kh[kAxes];
     g.tile_ranges(tile, qr);
     for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
-    const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k);
-    const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v);
+    const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k,
+                               Read::kInput);
+    const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
+                               Read::kInput);
     // The accumulators, seen through the halo's coordinates (rows `dl` apart per position).
     const int64_t origin = g.flat(kh[0].start, kh[1].start, kh[2].start);
     View<A> DK, DV;
@@ -631,8 +662,8 @@ void bwd_fused_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) 
       };
       // Loads query t's scaled q and dO rows; returns delta = sum(dO * O) - d_lse.
       auto load_query = [&](int64_t row, A* q, A* d) {
-        load_row(args.q + row * g.head_dim, g.head_dim, scale, q, dl);
-        load_row(args.d_out + row * g.value_dim, g.value_dim, A(1), d, dvl);
+        load_row(args.q + row * g.head_dim, g.head_dim, scale, q, dl, Read::kInput);
+        load_row(args.d_out + row * g.value_dim, g.value_dim, A(1), d, dvl, Read::kExact);
         const T* os = args.out + row * g.value_dim;
         A delta = 0;
         for (int64_t c = 0; c < g.value_dim; ++c) delta += d[c] * static_cast<A>(to_float(os[c]));

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from natjax.ops.na.nonfinite import reads_nonfinite_as_zero, zero_nonfinite
 from natjax.ops.na.partition import batch_head_parallel
 from natjax.ops.na.spec import NACall, NAParams, axis_windows
 from natjax.ops.na.vjp import na_custom_vjp
@@ -77,6 +78,15 @@ def _load() -> str | None:
 def available() -> bool:
     """Whether the native kernels are installed and loadable."""
     return _load() is None
+
+
+@functools.cache
+def _kernels_read_nonfinite_as_zero() -> bool:
+    """Whether the loaded library reads NaN/inf entries of q, k, v as 0 itself (natjax-ffi >=
+    0.2 exports `natjax_ffi_reads_nonfinite_as_zero`); older builds get a substituted copy."""
+    import natjax_ffi
+
+    return hasattr(natjax_ffi.load(), "natjax_ffi_reads_nonfinite_as_zero")
 
 
 def export_disabled_checks() -> list:
@@ -416,8 +426,15 @@ def unsupported_reason(call: NACall) -> str | None:
     return None
 
 
+@reads_nonfinite_as_zero
 def na_ffi(q, k, v, rpb, params: NAParams):
     """Neighborhood attention with the native CPU kernels (`natjax-ffi`).
+
+    Every NaN/inf entry of `q`, `k` and `v` is read as 0 (forward and backward; the
+    substitution's derivative is the identity), which is what the op's NaN/inf confinement
+    (`nonfinite.py`) runs its backends on: it passes this backend the raw inputs. The kernels
+    do it while loading, without a copy; a library older than natjax-ffi 0.2 gets a
+    zero-substituted copy instead.
 
     Args:
       q: `[batch, *spatial, heads, head_dim]`; k: `[batch, *spatial, kv_heads, head_dim]`;
@@ -437,4 +454,6 @@ def na_ffi(q, k, v, rpb, params: NAParams):
     if reason is not None:
         raise ValueError(f"implementation='ffi' cannot run this call: {reason}.")
     geo = make_geometry(q.shape, k.shape, v.shape, q.dtype, params, rpb is not None)
+    if not _kernels_read_nonfinite_as_zero():
+        q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
     return _na(geo, q, k, v, rpb)

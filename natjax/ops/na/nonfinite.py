@@ -10,7 +10,10 @@ bands or (dense) whole images NaN, and each backend spreads it differently.
 `api.py`, so every backend gets it):
 
   * the backend always runs on the inputs with every non-finite entry replaced by 0 (a `where`;
-    for finite inputs that is the input itself), outside any conditional;
+    for finite inputs that is the input itself), outside any conditional. A backend marked with
+    `reads_nonfinite_as_zero` (the native `ffi` kernels, and `implementation=None`, which
+    substitutes inside its non-ffi branches) does that itself while loading its inputs, so the
+    wrapper passes it the raw inputs and no substituted copy is made;
   * a fix-up then adds what NATTEN makes non-finite, computed in a ``lax.cond`` only when some
     entry of `q`, `k` or `v` is non-finite (branch 1, under the name scope `CONFINED_SCOPE`,
     which `experiments/hbm_aot.py` counts apart); for finite inputs branch 0 returns zeros. The
@@ -48,15 +51,53 @@ from natjax.ops.na.spec import NAParams, axis_windows
 
 
 @jax.custom_jvp
-def _zero_nonfinite(x):
+def zero_nonfinite(x):
     """`x` with NaN/inf entries replaced by 0; its derivative is taken to be the identity."""
     return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
-@_zero_nonfinite.defjvp
-def _zero_nonfinite_jvp(primals, tangents):
+@zero_nonfinite.defjvp
+def zero_nonfinite_jvp(primals, tangents):
     # Identity: the cotangent of a substituted entry is kept (for v it is NATTEN's attn^T d_out).
-    return _zero_nonfinite(primals[0]), tangents[0]
+    return zero_nonfinite(primals[0]), tangents[0]
+
+
+# Attribute of a backend function that substitutes non-finite q, k, v entries by 0 itself.
+_READS_NONFINITE_AS_ZERO = "natjax_reads_nonfinite_as_zero"
+
+
+def reads_nonfinite_as_zero(fn: Callable) -> Callable:
+    """Marks a backend `fn(q, k, v, rpb, params)` that reads every NaN/inf entry of `q`, `k` and
+    `v` as 0 itself, forward and backward (its results equal those on the zero-substituted
+    inputs, with the substitution's derivative the identity): `confine_nonfinite` then passes it
+    the raw inputs instead of a substituted copy.
+
+    Args:
+      fn: the backend function.
+
+    Returns:
+      `fn` itself, marked.
+    """
+    setattr(fn, _READS_NONFINITE_AS_ZERO, True)
+    return fn
+
+
+def with_zeroed_inputs(fn: Callable) -> Callable:
+    """`fn(q, k, v, rpb)` run on `q`, `k`, `v` with NaN/inf entries replaced by 0, as
+    `confine_nonfinite` runs unmarked backends (for the branches of a marked dispatcher that
+    lead to backends without the in-kernel substitution).
+
+    Args:
+      fn: `fn(q, k, v, rpb) -> (out, lse)`.
+
+    Returns:
+      The wrapped function, same signature.
+    """
+
+    def wrapped(q, k, v, rpb):
+        return fn(zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), rpb)
+
+    return wrapped
 
 
 def in_neighborhood(flags, params: NAParams):
@@ -151,7 +192,8 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     """Runs a backend with NATTEN's confinement of NaN/inf inputs.
 
     The backend always runs on the zero-substituted inputs (a `where` that XLA fuses into the
-    first reads of the XLA backends; custom-call backends read a substituted copy). Only the
+    first reads of the XLA backends; a custom call would read a substituted copy, so the `ffi`
+    kernels do the substitution while loading and are marked `reads_nonfinite_as_zero`). Only the
     fix-up sits in a `lax.cond`, outside differentiation (`stop_gradient`): for finite inputs it
     costs the finiteness check of `q`, `k`, `v` and one zero `[batch, *spatial, heads, head_dim]`
     array; the attention itself is not inside a conditional, so XLA still shares work between
@@ -166,7 +208,10 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     Returns:
       `(out, lse)` as `fn` returns them; identical to `fn` when all of `q`, `k`, `v` are finite.
     """
-    out, lse = fn(_zero_nonfinite(q), _zero_nonfinite(k), _zero_nonfinite(v), rpb, params)
+    if getattr(fn, _READS_NONFINITE_AS_ZERO, False):
+        out, lse = fn(q, k, v, rpb, params)
+    else:
+        out, lse = fn(zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), rpb, params)
     nonfinite = ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)) & jnp.all(jnp.isfinite(v)))
     sg = jax.lax.stop_gradient
     # Branch 1 (True) computes the fix-up (named CONFINED_SCOPE); branch 0 adds nothing.

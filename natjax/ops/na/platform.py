@@ -30,6 +30,7 @@ import jax
 
 from natjax.ops.na import xla as band
 from natjax.ops.na import xla_tiled
+from natjax.ops.na.nonfinite import reads_nonfinite_as_zero, with_zeroed_inputs
 from natjax.ops.na.spec import NACall, NAParams
 from natjax.ops.na.vjp import na_custom_vjp
 
@@ -141,8 +142,13 @@ def _pallas_or_tiled(call: NACall):
     return functools.partial(xla_tiled.na_xla_tiled, params=params)
 
 
+@reads_nonfinite_as_zero
 def na_default(q, k, v, rpb, params: NAParams):
     """`implementation=None`: the fastest implementation of the lowering platform.
+
+    NaN/inf inputs: read as 0 (what `nonfinite.confine_nonfinite` asks of a marked backend) by
+    the native kernels on CPU, by a zero substitution in front of every other branch, which is
+    then the only one that pays for it.
 
     Args and Returns as `na_xla`.
     """
@@ -162,7 +168,7 @@ def na_default(q, k, v, rpb, params: NAParams):
         cpu = functools.partial(xla_tiled.na_xla_tiled, params=params)
     return jax.lax.platform_dependent(
         q, k, v, rpb,
-        cpu=cpu,
-        cuda=_pallas_or_tiled(call),
-        default=functools.partial(xla_tiled.na_xla_tiled, params=params),
+        cpu=cpu if choice == "ffi" else with_zeroed_inputs(cpu),
+        cuda=with_zeroed_inputs(_pallas_or_tiled(call)),
+        default=with_zeroed_inputs(functools.partial(xla_tiled.na_xla_tiled, params=params)),
     )  # fmt: skip
