@@ -163,7 +163,8 @@ def test_gqa_sharded_heads():
     script = textwrap.dedent(
         """
         import os
-        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+        flags = os.environ.get("XLA_FLAGS", "")  # keep the suite's flags (conftest.py)
+        os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
         import jax, jax.numpy as jnp, numpy as np, natjax
         from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
         rng = np.random.default_rng(0)
@@ -199,10 +200,12 @@ def test_gqa_sharded_heads():
         print("GQA_SHARDING_OK")
         """
     )
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
     res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ),
+        timeout=900,
     )
     assert "GQA_SHARDING_OK" in res.stdout, res.stdout + res.stderr
 
