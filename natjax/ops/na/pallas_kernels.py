@@ -3,8 +3,9 @@
 Every call is padded to three spatial axes `(z, y, x)` (missing leading axes have size 1 and
 kernel 1); `x` is the vector axis. Tiles are boxes in dilation-group coordinates; each axis's
 query tiles, clamped key-halo starts and per-tile-class tables come from `tiles.axis_tiling`
-(NATTEN 0.17 windows), so no window rule is re-derived here. See `pallas_triton` for the
-`pallas_call`s, the layout and the custom VJP.
+(`spec.axis_windows`: NATTEN 0.17 windows, NATTEN 0.21's stride and even kernels), so no window
+rule is re-derived here. See `pallas_triton` for the `pallas_call`s, the layout and the custom
+VJP, and `pallas_dkv` for the dk/dv kernel.
 
 Forward and dq kernels (one program per query tile; grid `(tiles, heads, batch)`, tile fastest so
 that neighbouring tiles of one image run together and share their halos in L2):
@@ -20,10 +21,9 @@ that neighbouring tiles of one image run together and share their halos in L2):
 * softmax in base 2: `log2(e)` is folded into the scale (`exp2`), the lse is stored in natural
   units.
 
-dk/dv kernel: one program per key tile, looping over the tile's inverse neighbourhood (the queries
-whose windows can contain it) in chunks, with the window mask evaluated in-kernel (one subtract
-and one unsigned compare per real axis) and the bias read from `rpb * log2(e)` at a linear index
-(one add and a masked load per score).
+dk/dv kernel (`pallas_dkv`): one program per key tile and kv head, looping over the tile's
+inverse neighbourhood (the queries whose windows can contain it) in chunks, with the window mask
+evaluated in-kernel and the bias read from `rpb * log2(e)` at a linear index.
 
 d_rpb: the dq kernel (tiles with Tz = 1, Ty >= 16) sums `ds` by outer-y bin with a one-hot
 matmul over the tile's y rows (`E[oy, (ix, j)]`, tensor cores, float32-exact via a bf16 hi/lo

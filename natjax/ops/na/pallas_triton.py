@@ -1,12 +1,16 @@
 """Fused neighborhood attention in Pallas with the Triton lowering (GPU; interpret mode on CPU).
 
 This module holds the `pallas_call`s, the layout, the custom VJP and the public entry points;
-the kernels and their static tables live in `pallas_kernels` (design: docs/pallas.md).
+the forward/dq kernels and their static tables live in `pallas_kernels`, the dk/dv kernel in
+`pallas_dkv` (design: docs/pallas.md).
 
 * Layout: inputs stay in the caller's `[B, *S, h, D]` layout, viewed as `[B, N, h, D]` (a free
-  reshape); the head dim is zero-padded to a power of two >= 16 only when needed. Each program
-  reads its rows through computed flat indices (Triton pointer tensors): no transpose in HBM.
-* Grid `(tiles, heads, batch)` for all three kernels, the tile axis fastest. The per-head
+  reshape); the head dim (and the value's own head dim) is zero-padded to a power of two >= 16
+  only when needed. Each program reads its rows through computed flat indices (Triton pointer
+  tensors): no transpose in HBM. k/v may have fewer (kv) heads: GQA/MQA, never repeated.
+* Grid `(tiles, heads, batch)` for the forward and dq kernels (k/v index maps read kv head
+  `h // group`), `(tiles, kv_heads, batch)` for dk/dv (which sums each kv head's query heads in
+  registers), the tile axis fastest. The per-head
   mask/bias table of the query-tile kernels and the dk/dv kernel's bias are passed flat
   (`[h * T]`, read whole) and indexed with the head's offset folded into per-query vectors.
 * Every kernel has its own tile (`NAPallasConfig`: forward, dq + d_rpb, dk/dv), chosen by
