@@ -225,7 +225,7 @@ def test_kernels_read_nonfinite_inputs_as_zero(spatial, kernel, dilation, causal
 
 
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "older-library"])
-def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, in_kernel):
+def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, request, in_kernel):
     """na2d(implementation="ffi") gives the ffi backend the raw inputs (no substituted copy in
     the program) and the same bits as the wrapper-substituted path, forward and backward; a
     library without the in-kernel substitution (natjax-ffi < 0.2) gets a substituted copy."""
@@ -233,6 +233,7 @@ def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, in_kernel):
 
     if not in_kernel:
         monkeypatch.setattr(ffi, "_kernels_read_nonfinite_as_zero", lambda: False)
+        request.getfixturevalue("fresh_traces")
 
     rng = np.random.default_rng(5)
     spatial, heads = (9, 11), 2
@@ -359,13 +360,14 @@ def test_unsupported_reason_and_build_info():
      ((9,), 9, 1, "reference", "reference"), ((56, 56), 7, 8, "xla", "xla")],
 )  # fmt: skip
 @pytest.mark.parametrize("installed", [True, False])
-def test_default_implementation_on_cpu(monkeypatch, spatial, kernel, dilation, with_ffi,
+def test_default_implementation_on_cpu(monkeypatch, request, spatial, kernel, dilation, with_ffi,
                                        without_ffi, installed):  # fmt: skip
     """None on CPU: the native kernels where measured faster (platform.cpu_choice), else dense
     for small maps and xla otherwise, also when natjax-ffi is missing; the CPU program of None
     calls the kernels exactly when chosen, and every choice gives the same result."""
     if not installed:
         monkeypatch.setattr(ffi, "unsupported_reason", lambda *a: "not installed")
+        request.getfixturevalue("fresh_traces")  # the choice is made when a call is traced
     want = with_ffi if installed else without_ffi
     shape = (1, *spatial, 2, 8)
     q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
