@@ -2,7 +2,17 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The suite's programs are tiny and compiled once each: compile time dominates it, and most of
+# XLA:CPU's compile time is LLVM optimisation. Without it the suite takes about half the time;
+# the HLO (fusion, layout, sharding: what the tests inspect) is unchanged. Subprocesses inherit
+# the flag through the environment (they append their own flags to XLA_FLAGS, never replace it).
+if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+    ).strip()
 
 
 def pytest_generate_tests(metafunc):
@@ -16,3 +26,15 @@ def pytest_generate_tests(metafunc):
         seeds = getattr(metafunc.cls, "feature_seeds", None)
         if seeds is not None:
             metafunc.parametrize("feature_seed", list(seeds))
+
+
+@pytest.fixture
+def fresh_traces():
+    """For tests that monkeypatch what a call traces into (a backend table, a dispatch rule):
+    `na1d/2d/3d` trace once per shape and reuse the trace (`api._attend` is jitted), so jax's
+    caches are cleared before the test and after it (its patched traces must not outlive it)."""
+    import jax
+
+    jax.clear_caches()
+    yield
+    jax.clear_caches()

@@ -354,7 +354,8 @@ class NABackendTests:
         script = textwrap.dedent(
             f"""
             import os
-            os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+            flags = os.environ.get("XLA_FLAGS", "")  # keep the suite's flags (conftest.py)
+            os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
             import jax, jax.numpy as jnp, numpy as np, natjax
             from jax.sharding import NamedSharding, PartitionSpec as P
             import contextlib
@@ -397,7 +398,6 @@ class NABackendTests:
             """
         )
         env = dict(os.environ)
-        env.pop("XLA_FLAGS", None)
         res = subprocess.run(
             [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
         )

@@ -254,7 +254,7 @@ def test_kernels_read_nonfinite_inputs_as_zero(spatial, kernel, dilation, causal
 
 
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "older-library"])
-def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, in_kernel):
+def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, request, in_kernel):
     """na2d(implementation="ffi") gives the ffi backend the raw inputs (no substituted copy in
     the program) and the same bits as the wrapper-substituted path, forward and backward; a
     library without the in-kernel substitution (natjax-ffi < 0.2) gets a substituted copy."""
@@ -262,6 +262,7 @@ def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, in_kernel):
 
     if not in_kernel:
         monkeypatch.setattr(ffi, "_kernels_read_nonfinite_as_zero", lambda: False)
+        request.getfixturevalue("fresh_traces")
 
     rng = np.random.default_rng(5)
     spatial, heads = (9, 11), 2
@@ -390,7 +391,7 @@ def test_unsupported_reason_and_build_info():
      ((7, 8), 7, 1, "reference", "reference")],  # 88% of the map, not all of it: dense
 )  # fmt: skip
 @pytest.mark.parametrize("installed", [True, False])
-def test_default_implementation_on_cpu(monkeypatch, spatial, kernel, dilation, with_ffi,
+def test_default_implementation_on_cpu(monkeypatch, request, spatial, kernel, dilation, with_ffi,
                                        without_ffi, installed):  # fmt: skip
     """None on CPU: the native kernels where measured faster (platform.cpu_choice: windows up
     to 80% of their group, and whole-group windows of the shared-window path), else dense for
@@ -398,6 +399,7 @@ def test_default_implementation_on_cpu(monkeypatch, spatial, kernel, dilation, w
     calls the kernels exactly when chosen, and every choice gives the same result."""
     if not installed:
         monkeypatch.setattr(ffi, "unsupported_reason", lambda *a: "not installed")
+        request.getfixturevalue("fresh_traces")  # the choice is made when a call is traced
     if with_ffi == "shared":
         with_ffi = "ffi" if "shared_window_forward" in ffi._features() else without_ffi
     want = with_ffi if installed else without_ffi
