@@ -1,6 +1,8 @@
 """Test configuration: CPU only, and per-backend parametrisation of the shared NA test base."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -9,6 +11,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # XLA:CPU's compile time is LLVM optimisation. Without it the suite takes about half the time;
 # the HLO (fusion, layout, sharding: what the tests inspect) is unchanged. Subprocesses inherit
 # the flag through the environment (they append their own flags to XLA_FLAGS, never replace it).
+# Many tests compile the same program (e.g. the reference a backend is compared with, once per
+# backend class): a persistent compilation cache shared by the xdist workers and subprocesses of
+# this run compiles each once. It is removed when the run ends (pytest_sessionfinish below).
+# (xdist workers are started after this file is loaded, so they inherit the variable.)
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="natjax-test-cache-")
+    os.environ["NATJAX_TEST_OWN_CACHE"] = "1"
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 if "--xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
@@ -38,3 +48,9 @@ def fresh_traces():
     jax.clear_caches()
     yield
     jax.clear_caches()
+
+
+def pytest_sessionfinish(session):
+    # The controller (not an xdist worker) removes the run's compilation cache.
+    if os.environ.get("NATJAX_TEST_OWN_CACHE") and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
