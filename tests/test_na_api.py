@@ -108,7 +108,7 @@ def test_pallas_by_name_reports_why_it_cannot_run():
         natjax.na2d(q, q, q, 3, implementation="pallas")
 
 
-def test_gpu_default_falls_back_to_xla_once_with_a_warning(monkeypatch):
+def test_gpu_default_falls_back_to_xla_once_with_a_warning(monkeypatch, fresh_traces):
     from natjax.ops.na import platform
 
     # The CUDA branch is traced on every host; it warns only where programs run on a GPU.

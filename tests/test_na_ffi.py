@@ -138,6 +138,35 @@ def test_blocked_forward_matches_dense(spatial, kernel, dilation, causal, dim, d
 
 
 @pytest.mark.parametrize(
+    "spatial,kernel,dilation,heads,kv_heads,dim,value_dim,dtype,bias",
+    [
+        ((7, 7), 7, 1, 16, 16, 32, 32, jnp.float32, True),  # NAT stage 4: 49 = 6 x 8 + 1 queries
+        ((14, 14), 7, 2, 4, 2, 32, 16, jnp.float32, False),  # 7x7 dilation groups, GQA, Dv < D
+        ((8, 8), 8, 1, 2, 2, 16, 40, jnp.bfloat16, True),  # even kernel over the map, Dv > D
+        ((9,), 9, 1, 3, 1, 8, 8, jnp.float16, True),  # 1-D, MQA
+        ((3, 4, 5), (3, 4, 5), 1, 2, 2, 8, 24, jnp.float32, True),
+    ],
+)
+def test_shared_window_forward_matches_dense(spatial, kernel, dilation, heads, kv_heads, dim,
+                                             value_dim, dtype, bias):  # fmt: skip
+    """Tiles whose queries all see one window (shared_fwd.h): every block size, bias or not."""
+    rng = np.random.default_rng(sum(spatial) + dim)
+    nd = len(spatial)
+    params = make_params(nd, spatial, dim, kernel, dilation, False, None)
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
+    q, k = f(2, *spatial, heads, dim), f(2, *spatial, kv_heads, dim)
+    v = f(2, *spatial, kv_heads, value_dim)
+    rpb = (jnp.asarray(rng.standard_normal((heads, *params.rpb_shape_tail)), jnp.float32)
+           if bias else None)  # fmt: skip
+    out, lse = ffi.na_ffi(q, k, v, rpb, params)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want_out, want_lse = _dense(f32(q), f32(k), f32(v), rpb, params)
+    tol = 2e-5 if dtype == jnp.float32 else 2e-2
+    assert_close(out, want_out.astype(dtype), tol, tol, "out")
+    assert_close(lse, want_lse, tol, tol, "lse")
+
+
+@pytest.mark.parametrize(
     "spatial,kernel,dilation,causal,stride,heads,kv_heads",
     [
         ((13,), 5, 1, False, 2, 2, 2),
@@ -225,7 +254,7 @@ def test_kernels_read_nonfinite_inputs_as_zero(spatial, kernel, dilation, causal
 
 
 @pytest.mark.parametrize("in_kernel", [True, False], ids=["in-kernel", "older-library"])
-def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, in_kernel):
+def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, request, in_kernel):
     """na2d(implementation="ffi") gives the ffi backend the raw inputs (no substituted copy in
     the program) and the same bits as the wrapper-substituted path, forward and backward; a
     library without the in-kernel substitution (natjax-ffi < 0.2) gets a substituted copy."""
@@ -233,6 +262,7 @@ def test_confinement_passes_raw_inputs_to_ffi(monkeypatch, in_kernel):
 
     if not in_kernel:
         monkeypatch.setattr(ffi, "_kernels_read_nonfinite_as_zero", lambda: False)
+        request.getfixturevalue("fresh_traces")
 
     rng = np.random.default_rng(5)
     spatial, heads = (9, 11), 2
@@ -353,19 +383,25 @@ def test_unsupported_reason_and_build_info():
 
 @pytest.mark.parametrize(
     "spatial,kernel,dilation,with_ffi,without_ffi",
-    [((14, 14), 7, 1, "ffi", "reference"), ((7, 7), 7, 1, "reference", "reference"),
+    # "shared": ffi when the library has the shared-window path, else the without_ffi choice.
+    [((14, 14), 7, 1, "ffi", "reference"), ((7, 7), 7, 1, "shared", "reference"),
      ((8, 8), 7, 1, "ffi", "reference"), ((28, 28), 7, 1, "ffi", "xla"),
      ((200,), 3, 1, "ffi", "xla"), ((9,), 5, 1, "ffi", "reference"),
-     ((9,), 9, 1, "reference", "reference"), ((56, 56), 7, 8, "xla", "xla")],
+     ((9,), 9, 1, "shared", "reference"), ((56, 56), 7, 8, "shared", "xla"),
+     ((7, 8), 7, 1, "reference", "reference")],  # 88% of the map, not all of it: dense
 )  # fmt: skip
 @pytest.mark.parametrize("installed", [True, False])
-def test_default_implementation_on_cpu(monkeypatch, spatial, kernel, dilation, with_ffi,
+def test_default_implementation_on_cpu(monkeypatch, request, spatial, kernel, dilation, with_ffi,
                                        without_ffi, installed):  # fmt: skip
-    """None on CPU: the native kernels where measured faster (platform.cpu_choice), else dense
-    for small maps and xla otherwise, also when natjax-ffi is missing; the CPU program of None
+    """None on CPU: the native kernels where measured faster (platform.cpu_choice: windows up
+    to 80% of their group, and whole-group windows of the shared-window path), else dense for
+    small maps and xla otherwise, also when natjax-ffi is missing; the CPU program of None
     calls the kernels exactly when chosen, and every choice gives the same result."""
     if not installed:
         monkeypatch.setattr(ffi, "unsupported_reason", lambda *a: "not installed")
+        request.getfixturevalue("fresh_traces")  # the choice is made when a call is traced
+    if with_ffi == "shared":
+        with_ffi = "ffi" if "shared_window_forward" in ffi._features() else without_ffi
     want = with_ffi if installed else without_ffi
     shape = (1, *spatial, 2, 8)
     q = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
@@ -376,6 +412,28 @@ def test_default_implementation_on_cpu(monkeypatch, spatial, kernel, dilation, w
     assert (ffi.FFI_TARGETS[0] in default.lower(q).as_text()) == (want == "ffi")
     ref = fn(q, q, q, kernel, dilation=dilation, implementation="xla")
     assert_close(default(q), ref, 1e-5, 1e-5, f"None ({want})")
+
+
+def test_shared_window_path_rule(monkeypatch):
+    """takes_shared_window_path: whole-group windows only, no causal axis, no float64, keys
+    within the L1 budget, and only with a library that has the path."""
+    call = lambda spatial, k, d=1, causal=False, dim=32, dtype=jnp.float32: NACall.for_query(  # noqa: E731
+        (1, *spatial, 2, dim), dtype,
+        make_params(len(spatial), spatial, dim, k, d, causal, None), False,
+    )  # fmt: skip
+    assert ffi.takes_shared_window_path(call((7, 7), 7)) == (
+        "shared_window_forward" in ffi._features()
+    )
+    monkeypatch.setattr(ffi, "_features", lambda: frozenset({"shared_window_forward"}))
+    assert ffi.takes_shared_window_path(call((7, 7), 7))
+    assert ffi.takes_shared_window_path(call((56, 56), 7, 8, dtype=jnp.bfloat16))
+    assert not ffi.takes_shared_window_path(call((7, 8), 7))  # not the whole map
+    assert not ffi.takes_shared_window_path(call((7, 7), 7, causal=True))
+    assert not ffi.takes_shared_window_path(call((7, 7), 7, dtype=jnp.float64))
+    assert ffi.takes_shared_window_path(call((16, 16), 16))  # 256 keys x 32 x 4 B = 32 KiB
+    assert not ffi.takes_shared_window_path(call((16, 17), (16, 17)))  # 272 keys: over
+    monkeypatch.setattr(ffi, "_features", lambda: frozenset())
+    assert not ffi.takes_shared_window_path(call((7, 7), 7))
 
 
 def test_export_for_cpu_and_cuda():

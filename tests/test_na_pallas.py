@@ -350,7 +350,8 @@ def test_gpu_large_matches_xla(dtype):
 
 _AUTO_MESH_SCRIPT = """
 import os
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+flags = os.environ.get("XLA_FLAGS", "")  # keep the suite's flags (conftest.py)
+os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np, natjax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 auto = (AxisType.Auto, AxisType.Auto)
@@ -380,7 +381,7 @@ print("AUTO_MESH_OK")
 def test_sharded_auto_mesh_uses_custom_partitioning():
     """Auto-axis meshes (no sharding in types) go through `custom_partitioning`: per-shard
     kernels, no all-gather, same values as unsharded (the shared test covers explicit meshes)."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
     res = subprocess.run(
         [sys.executable, "-c", _AUTO_MESH_SCRIPT], capture_output=True, text=True, env=env,
         timeout=600,

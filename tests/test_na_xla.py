@@ -29,7 +29,7 @@ class TestReference(NABackendTests):
 
 
 @pytest.fixture
-def band_only(monkeypatch):
+def band_only(monkeypatch, fresh_traces):
     """`implementation="xla"` traces both platform branches; these contracts are the CPU band
     path's (the tiled accelerator path has its own tests in test_na_xla_tiled.py)."""
     from natjax.ops.na import api
@@ -119,7 +119,7 @@ def test_default_implementation_on_cpu(spatial, kernel, want):
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_batch_chunks_match_and_pad_safely(monkeypatch):
+def test_cpu_batch_chunks_match_and_pad_safely(monkeypatch, fresh_traces):
     """The cache-blocked CPU loop (forced here) gives the reference's values, and its padded last
     chunk contributes nothing, even with biases large enough to overflow exp()."""
     from natjax.ops.na import xla

@@ -56,13 +56,14 @@ def _remove_cache():
 
 
 def _train(workdir: Path, *extra: str, devices: int = 1, fault: str | None = None, code: str = ""):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     # The runs compile the same programs: share a persistent compilation cache between them.
     env["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        flags = env.get("XLA_FLAGS", "")
+        env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}"
     sets = [a for s in [*TINY, *extra] for a in ("--set", s)]
     args = ["train", "--workdir", str(workdir), *sets]
     # `code` may wrap the call (e.g. in tfds mock data); {args} is replaced by the argv list.
@@ -510,7 +511,7 @@ def test_two_processes_with_jax_distributed_match_one(sgd_reference, tmp_path):
     import portpicker
 
     port = portpicker.pick_unused_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = dict(os.environ)
     env["JAX_PLATFORMS"] = "cpu"
     sets = [a for s in [*TINY, *SGD, "run.max_steps=4"] for a in ("--set", s)]
     procs = []

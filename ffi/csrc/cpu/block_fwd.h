@@ -317,20 +317,17 @@ void forward_block(const Geometry& g, const FwdArgs<T, float>& args, const View<
 
 // The forward of one work unit (batch, kv head, tile) by blocks; see the top of this file.
 template <typename T>
-void forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, int64_t unit) {
+void forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un) {
   Scratch<float>& s = thread_scratch<float>();
   BlockScratch& bs = block_scratch();
-  const int64_t ntiles = g.num_tiles(), group = g.group_size();
-  const int64_t tile = unit % ntiles, kvh = (unit / ntiles) % g.kv_heads;
-  const int64_t b = unit / ntiles / g.kv_heads;
+  const int64_t group = g.group_size(), b = un.b, kvh = un.kvh;
   const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
-  Range qr[kAxes], kh[kAxes];
-  g.tile_ranges(tile, qr);
-  for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
+  const Range* qr = un.qr;
+  const Range* kh = un.kh;
   // Where the blocks pay (kBlockHaloBytes): tiles of several rows whose transposed keys stay
   // in L1; elsewhere the per-query kernel.
   if (qr[1].count < 2 || box_volume(kh) * g.head_dim * int64_t{sizeof(float)} > kBlockHaloBytes)
-    return forward_unit<T, float>(g, args, unit);
+    return forward_unit<T, float>(g, args, un);
   const View<float> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
                                  Read::kInput);
   int64_t ldt = 0;

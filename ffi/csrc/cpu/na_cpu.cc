@@ -19,6 +19,7 @@
 #include "block_fwd.h"
 #include "na_kernels.h"
 #include "parallel.h"
+#include "shared_fwd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -175,10 +176,11 @@ std::string run_forward(const Geometry& g, const Scheduler& sched, ffi::AnyBuffe
                      data<T>(out),     data<A>(lse)};
   const int64_t units = g.batch * g.kv_heads * g.num_tiles();
 #if NATJAX_AVX2
-  if constexpr (std::is_same_v<A, float>)  // register-blocked (block_fwd.h)
-    return parallel_for(sched, units, [&](int64_t u) { forward_unit_blocked<T>(g, args, u); });
+  if constexpr (std::is_same_v<A, float>)  // register-blocked (shared_fwd.h, block_fwd.h)
+    return parallel_for(sched, units, [&](int64_t u) { forward_unit_avx2<T>(g, args, u); });
 #endif
-  return parallel_for(sched, units, [&](int64_t u) { forward_unit<T, A>(g, args, u); });
+  return parallel_for(sched, units,
+                      [&](int64_t u) { forward_unit<T, A>(g, args, decode_unit(g, u)); });
 }
 
 ffi::Error NaForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,

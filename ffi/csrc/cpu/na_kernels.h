@@ -293,16 +293,31 @@ void forward_query(const Geometry& g, const FwdArgs<T, A>& args, const View<A>& 
   finish_query(g, sm, acc, args.out + row * g.value_dim, args.lse + row);
 }
 
-template <typename T, typename A>
-void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, int64_t unit) {
-  Scratch<A>& s = thread_scratch<A>();
-  const int64_t ntiles = g.num_tiles(), group = g.group_size();
-  const int64_t tile = unit % ntiles, kvh = (unit / ntiles) % g.kv_heads;
-  const int64_t b = unit / ntiles / g.kv_heads;
-  const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
+// A forward work unit: unit = (b * kv_heads + kvh) * num_tiles + tile; the tile's queries
+// `qr` and the key halo `kh` they see (a box of keys per axis).
+struct Unit {
+  int64_t b = 0, kvh = 0, tile = 0;
   Range qr[kAxes], kh[kAxes];
-  g.tile_ranges(tile, qr);
-  for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
+};
+
+inline Unit decode_unit(const Geometry& g, int64_t unit) {
+  const int64_t ntiles = g.num_tiles();
+  Unit u;
+  u.tile = unit % ntiles;
+  u.kvh = (unit / ntiles) % g.kv_heads;
+  u.b = unit / ntiles / g.kv_heads;
+  g.tile_ranges(u.tile, u.qr);
+  for (int a = 0; a < kAxes; ++a) u.kh[a] = g.key_halo(a, u.qr[a]);
+  return u;
+}
+
+template <typename T, typename A>
+void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, const Unit& un) {
+  Scratch<A>& s = thread_scratch<A>();
+  const int64_t group = g.group_size(), b = un.b, kvh = un.kvh;
+  const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
+  const Range* qr = un.qr;
+  const Range* kh = un.kh;
   const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k, Read::kInput);
   const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
                              Read::kInput);

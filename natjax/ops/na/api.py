@@ -18,6 +18,7 @@ combined here by `merge_attentions`, which is exactly one softmax over both key 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -191,12 +192,7 @@ def _neighborhood_attention(
                 f"na{ndim}d: `rpb` must have shape [heads, *(2 * kernel_size - 1)] = {want}, "
                 f"got {tuple(rpb.shape)}."
             )
-    if impl is None:
-        # Chosen per lowering platform (platform.py), never from the host's default backend.
-        from natjax.ops.na.platform import na_default
-
-        out, lse = confine_nonfinite(na_default, query, key, value, rpb, params)
-    else:
+    if impl is not None:
         if impl not in _BACKENDS:
             raise ValueError(
                 f"na{ndim}d: unknown `implementation` {impl!r}; expected None or one of "
@@ -206,12 +202,33 @@ def _neighborhood_attention(
         reason = unsupported_reason(impl, call)
         if reason is not None:
             raise ValueError(f"na{ndim}d: implementation={impl!r} cannot run this call: {reason}")
-        # NaN/inf stay in the queries whose neighborhood holds them, as in NATTEN (nonfinite.py).
-        out, lse = confine_nonfinite(_backend(impl), query, key, value, rpb, params)
-    if n_extra:
+    if not n_extra:
+        extra_k = extra_v = None
+    out, lse = _attend(query, key, value, rpb, extra_k, extra_v, params=params, impl=impl)
+    return (out, lse) if return_lse else out
+
+
+@functools.partial(jax.jit, static_argnames=("params", "impl"))
+def _attend(query, key, value, rpb, extra_k, extra_v, *, params, impl):
+    """The validated call as one jitted computation: `(out, lse)`.
+
+    Why a jit here: called eagerly (outside any jit), the backends' loops (`lax.scan`,
+    `fori_loop`) would each be compiled anew on every call, seconds per call on CPU; one jit
+    keyed on the static `NAParams` compiles once per shape. Inside a user's jit it is inlined.
+    """
+    if impl is None:
+        # Chosen per lowering platform (platform.py), never from the host's default backend.
+        from natjax.ops.na.platform import na_default
+
+        backend = na_default
+    else:
+        backend = _backend(impl)
+    # NaN/inf stay in the queries whose neighborhood holds them, as in NATTEN (nonfinite.py).
+    out, lse = confine_nonfinite(backend, query, key, value, rpb, params)
+    if extra_k is not None:
         out_x, lse_x = _extra_attention(query, extra_k, extra_v, params.scale)
         out, lse = merge_attentions([out, out_x], [lse, lse_x.astype(lse.dtype)])
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 _DOC = """Neighborhood attention over {n} spatial axis(es): NATTEN <= 0.17 semantics (bias, CPU)

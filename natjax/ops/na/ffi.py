@@ -81,6 +81,51 @@ def available() -> bool:
 
 
 @functools.cache
+def _features() -> frozenset[str]:
+    """The optional kernel paths of the loaded library (`natjax_ffi_features`, natjax-ffi >=
+    0.2; empty for older builds or without the library)."""
+    if _load() is not None:
+        return frozenset()
+    import ctypes
+
+    import natjax_ffi
+
+    fn = getattr(natjax_ffi.load(), "natjax_ffi_features", None)
+    if fn is None:
+        return frozenset()
+    fn.restype = ctypes.c_char_p
+    return frozenset(fn().decode().split())
+
+
+# Keys of one shared-window unit, transposed, must fit L1 (kBlockHaloBytes in block_fwd.h).
+_SHARED_WINDOW_BYTES = 32 * 1024
+
+
+def takes_shared_window_path(call: NACall) -> bool:
+    """Whether the forward runs as dense attention per (batch, head) (`shared_fwd.h`): every
+    window is its whole dilation group (`kernel_size * dilation == size` on every axis, none
+    causal), float32 accumulation (float16/bfloat16/float32 inputs), keys within the path's L1
+    budget, and a build that has the path (AVX2 or AVX-512).
+
+    Args:
+      call: the call's description.
+
+    Returns:
+      True when the call's forward takes that path.
+    """
+    params = call.params
+    if "shared_window_forward" not in _features() or jnp.dtype(call.dtype) == jnp.float64:
+        return False
+    if any(params.is_causal):
+        return False
+    spatial = tuple(call.q_shape[1:-2])
+    per_axis = zip(params.kernel_size, params.dilation, spatial, strict=True)
+    if any(k * d != n for k, d, n in per_axis):
+        return False
+    return params.kernel_volume * call.q_shape[-1] * 4 <= _SHARED_WINDOW_BYTES
+
+
+@functools.cache
 def _kernels_read_nonfinite_as_zero() -> bool:
     """Whether the loaded library reads NaN/inf entries of q, k, v as 0 itself (natjax-ffi >=
     0.2 exports `natjax_ffi_reads_nonfinite_as_zero`); older builds get a substituted copy."""

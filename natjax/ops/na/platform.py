@@ -55,7 +55,14 @@ def cpu_prefers_dense(spatial: tuple[int, ...], params: NAParams) -> bool:
 # matmul 67 GFLOP/s in the same run): 7x7 map with kernel 7 (NAT's last stage; window = 100%
 # of the map) forward ffi 4.09 ms vs xla 2.86 ms (1.64 vs 0.88 idle); DiNAT's dilation 8 at
 # 56x56 (7x7 groups, 100%) 0.83x xla idle; 8x8 with kernel 7 (77%) ffi still wins, 0.92 vs
-# dense 1.47 ms forward, 1.87 vs 2.34 ms forward+backward. Above this fraction dense/xla stay.
+# dense 1.47 ms forward, 1.87 vs 2.34 ms forward+backward. Above this fraction dense/xla stay,
+# except where every window is its whole group and the library has the shared-window forward
+# (`ffi.takes_shared_window_path`: dense micro-kernels per (batch, head)). With it, same script
+# (`--cases 2d-7x7-h16,2d-56x56-h2-d8 --repeats 9`, load 4.4, matmul 92 GFLOP/s): 7x7 kernel 7
+# forward ffi 2.70 vs xla 3.18 ms (1.18x; 1.26x in an earlier run at load 4.8), forward+backward
+# 1.82x; dilation 8 at 56x56 forward 2.10x, forward+backward 1.80x. Whole-map windows of other
+# shapes, batch 8 float32 (interleaved medians of 21, load 3.6-4.3): 1-D 9/kernel 9 1.01x
+# (a tie: call overhead), 1-D 64/64 1.70x, 8x8/8 1.41x, 14x14/14 1.54x, 4x4x4/4 1.24x.
 FFI_MAX_WINDOW_FRACTION = 0.8
 
 
@@ -71,11 +78,13 @@ def cpu_choice(call: NACall) -> str:
     """
     spatial, params = call.spatial, call.params
     group = math.prod(-(-n // d) for n, d in zip(spatial, params.dilation, strict=True))
-    if params.kernel_volume <= FFI_MAX_WINDOW_FRACTION * group:
-        from natjax.ops.na import ffi
+    from natjax.ops.na import ffi
 
-        if ffi.unsupported_reason(call) is None:
-            return "ffi"
+    if ffi.unsupported_reason(call) is None and (
+        params.kernel_volume <= FFI_MAX_WINDOW_FRACTION * group
+        or ffi.takes_shared_window_path(call)
+    ):
+        return "ffi"
     if cpu_prefers_dense(spatial, params):
         return "reference"
     return "xla" if band.supports(call) else "xla_tiled"
