@@ -36,7 +36,7 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from natjax.ops.na.nonfinite import reads_nonfinite_as_zero, zero_nonfinite
-from natjax.ops.na.partition import batch_head_parallel
+from natjax.ops.na.partition import batch_head_parallel, match_sharding
 from natjax.ops.na.spec import NACall, NAParams, axis_windows
 from natjax.ops.na.vjp import na_custom_vjp
 
@@ -396,7 +396,7 @@ def _rpb_operand(rpb, heads: int, dtype):
 
 
 def _na_forward(geo: FFIGeometry, q, k, v, rpb):
-    op = batch_head_parallel(_rows_forward, geo, ("x", "x", "x", "rpb"), ("x", "row"))
+    op = batch_head_parallel(_rows_forward, geo, ("x", "kv", "kvv", "rpb"), ("xv", "row"))
     heads = q.shape[-2]
     out, lse = op(_rows(q), _rows(k), _rows(v), _rpb_operand(rpb, heads, _accum(q.dtype)))
     return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
@@ -408,15 +408,16 @@ def _na_backward(geo: FFIGeometry, res, cts):
     acc = _accum(q.dtype)
     heads = q.shape[-2]
     op = batch_head_parallel(
-        _rows_backward, geo, ("x", "x", "x", "rpb", "x", "x", "row", "row"),
-        ("x", "x", "x", "drpb"),
+        _rows_backward, geo, ("x", "kv", "kvv", "rpb", "xv", "xv", "row", "row"),
+        ("x", "kv", "kvv", "drpb"),
     )  # fmt: skip
     rows = lambda x: x.reshape(x.shape[0], -1, heads)  # noqa: E731
     dq, dk, dv, drpb = op(
         _rows(q), _rows(k), _rows(v), _rpb_operand(rpb, heads, acc), _rows(out),
         _rows(d_out.astype(q.dtype)), rows(lse), rows(d_lse.astype(acc)),
     )  # fmt: skip
-    dq, dk, dv = dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+    # A cotangent has its primal's sharding (heads may have run unsplit: partition.py).
+    dq, dk, dv = (match_sharding(g.reshape(x.shape), x) for g, x in ((dq, q), (dk, k), (dv, v)))
     # Per-batch partials summed here (an all-reduce when the batch is sharded).
     if rpb is not None:
         drpb = _reshape_keeping_heads(jnp.sum(drpb, axis=0), rpb.shape).astype(rpb.dtype)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from natjax.ops.na.partition import explicit_batch_head_map
 from natjax.ops.na.spec import NAParams, axis_windows
 
 
@@ -74,14 +75,32 @@ def na_reference(q, k, v, rpb, params: NAParams):
        lse `[batch, *spatial, heads]` float32, or float64 for float64 inputs).
     """
     batch, *spatial, heads, head_dim = q.shape
-    kv_heads, value_dim = k.shape[-2], v.shape[-1]
-    group = heads // kv_heads
     spatial = tuple(spatial)
     n = math.prod(spatial)
+    # On an explicit-axes mesh, splitting a head-sharded axis into [kv_heads, group] is refused:
+    # the dense computation then runs per (batch, head) shard (partition.py, as the kernels do).
+    rows = lambda x: x.reshape(x.shape[0], n, *x.shape[-2:])  # noqa: E731
+    args = [rows(q), rows(k), rows(v)] + ([] if rpb is None else [rpb.reshape(heads, -1)])
+    kinds = ("x", "kv", "kvv", "rpb")[: len(args)]
+
+    def dense(q, k, v, rpb=None):
+        return _dense_rows(q, k, v, rpb, spatial, params)
+
+    out, lse = explicit_batch_head_map(dense, kinds, ("xv", "row"), *args)
+    out = out.reshape(batch, *spatial, heads, v.shape[-1])
+    return out, lse.reshape(batch, *spatial, heads)
+
+
+def _dense_rows(q, k, v, rpb, spatial: tuple[int, ...], params: NAParams):
+    """`na_reference` on rows: q `[B, N, h, D]`, k/v `[B, N, hk, D|Dv]`, rpb `[h, R]` or None;
+    returns out `[B, N, h, Dv]` and lse `[B, N, h]`."""
+    batch, n, heads, head_dim = q.shape
+    kv_heads, value_dim = k.shape[-2], v.shape[-1]
+    group = heads // kv_heads
     compute = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
     mask, index = dense_mask_and_bias_index(spatial, params)
     # Query heads split as [kv_heads, group]: each kv head is read by its group, never repeated.
-    if group == 1:  # no reshape of the (possibly sharded) heads axis: explicit meshes refuse it
+    if group == 1:  # a plain head axis, no split
         qf = q.reshape(batch, n, heads, head_dim)[:, :, :, None].astype(compute)
     else:
         qf = q.reshape(batch, n, kv_heads, group, head_dim).astype(compute)
@@ -89,14 +108,11 @@ def na_reference(q, k, v, rpb, params: NAParams):
     vf = v.reshape(batch, n, kv_heads, value_dim).astype(compute)
     logits = jnp.einsum("bqcjd,bkcd->bcjqk", qf * params.scale, kf)
     if rpb is not None:
-        # Flat index into [heads, prod(2K-1)]: no reshape of a (possibly head-sharded) [h, N, N].
-        bias = rpb.astype(compute).reshape(heads, -1)[:, index]
+        bias = rpb.astype(compute)[:, index]  # flat index into [heads, prod(2K-1)]
         logits = logits + bias.reshape(kv_heads, group, n, n)[None]
     logits = jnp.where(mask[None, None, None], logits, -jnp.inf)
     lse = jax.nn.logsumexp(logits, axis=-1)  # [b, c, j, q]
     probs = jnp.exp(logits - lse[..., None])
     out = jnp.einsum("bcjqk,bkcd->bqcjd", probs, vf)
     out = out[:, :, :, 0] if group == 1 else out.reshape(batch, n, heads, value_dim)
-    out = out.reshape(batch, *spatial, heads, value_dim).astype(q.dtype)
-    lse = jnp.moveaxis(lse.reshape(batch, heads, n), 1, -1).reshape(batch, *spatial, heads)
-    return out, lse
+    return out.astype(q.dtype), jnp.moveaxis(lse.reshape(batch, heads, n), 1, -1)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from natjax.ops.na import tiles as tiles_mod
-from natjax.ops.na.partition import explicit_batch_head_map
+from natjax.ops.na.partition import explicit_batch_head_map, match_sharding
 from natjax.ops.na.spec import NACall, NAParams
 from natjax.ops.na.tiles import Tiling, tiling
 from natjax.ops.na.vjp import na_custom_vjp
@@ -329,7 +329,7 @@ def _forward(static, q, k, v, rpb, training: bool = True):
     spatial = tuple(q.shape[1:-2])
     op = functools.partial(_rows_forward, (params, tiles, spatial, rpb is not None, training))
     out, lse = explicit_batch_head_map(
-        op, ("x", "x", "x", "rpb"), ("x", "row"),
+        op, ("x", "kv", "kvv", "rpb"), ("xv", "row"),
         _as_rows(q), _as_rows(k), _as_rows(v), _rpb_operand(rpb, q.shape[-2]),
     )  # fmt: skip
     return out.reshape(q.shape[:-1] + v.shape[-1:]), lse.reshape(q.shape[:-1])
@@ -343,14 +343,15 @@ def _backward(static, res, cts):
     spatial = tuple(q.shape[1:-2])
     b, h = q.shape[0], q.shape[-2]
     op = functools.partial(_rows_backward, (params, tiles, spatial, rpb is not None))
-    kinds_in = ("x", "x", "x", "rpb", "x", "row", "x", "row")
+    kinds_in = ("x", "kv", "kvv", "rpb", "xv", "row", "xv", "row")
     dq, dk, dv, drpb = explicit_batch_head_map(
-        op, kinds_in, ("x", "x", "x", "drpb"),
+        op, kinds_in, ("x", "kv", "kvv", "drpb"),
         _as_rows(q), _as_rows(k), _as_rows(v), _rpb_operand(rpb, h), _as_rows(out),
         lse.reshape(b, -1, h), _as_rows(d_out.astype(q.dtype)),
         d_lse.reshape(b, -1, h).astype(lse.dtype),
     )  # fmt: skip
-    dq, dk, dv = (g.reshape(x.shape) for g, x in ((dq, q), (dk, k), (dv, v)))
+    # A cotangent has its primal's sharding (heads may have run unsplit: partition.py).
+    dq, dk, dv = (match_sharding(g.reshape(x.shape), x) for g, x in ((dq, q), (dk, k), (dv, v)))
     if rpb is None:
         return dq, dk, dv, None
     return dq, dk, dv, jnp.sum(drpb[:, :, 0], axis=0).reshape(rpb.shape).astype(rpb.dtype)
