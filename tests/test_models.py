@@ -203,6 +203,10 @@ def test_from_hf_config_rejects_unknown_and_bad_fields():
         (dict(num_labels=10**12), "num_labels"),
         (dict(num_labels=True), "num_labels"),
         (dict(id2label=("a", {"b": 1})), "id2label"),
+        (dict(num_kv_heads=(2, 4, 8)), "num_kv_heads"),
+        (dict(num_kv_heads=(2, 3, 8, 16)), "num_kv_heads"),
+        (dict(stride=8), "stride"),
+        (dict(stride=0), "stride"),
     ],
 )
 def test_config_validation_names_the_field(kwargs, field):
@@ -425,3 +429,36 @@ def test_constructor_keywords_reach_every_class_and_warnings_name_the_caller():
         assert all(level.remat for level in trunk.encoder.levels), cls
     with pytest.raises(ValueError, match="must be a NatConfig"):
         NatForImageClassification({"embed_dim": 8}, rngs=nnx.Rngs(0))
+
+
+def test_gqa_and_strided_nat_build_run_and_round_trip_their_config():
+    """natjax's extensions of NatConfig (issue 12): per-stage kv heads give k/v projections of
+    kv_heads * head_dim outputs, every layer's attention is the strided GQA call (equal to the
+    op on the layer's own projections), and the config survives to_hf_config/from_hf_config."""
+    import natjax
+
+    config = NatConfig(embed_dim=8, depths=(1, 1), num_heads=(2, 4), kernel_size=3,
+                       num_labels=3, drop_path_rate=0.0, num_kv_heads=(1, 2), stride=2)  # fmt: skip
+    model = NatForImageClassification(config, rngs=nnx.Rngs(0))
+    for stage, (heads, kv) in enumerate(zip(config.num_heads, config.num_kv_heads, strict=True)):
+        attn = model.nat.encoder.levels[stage].layers[0].attention
+        dim = config.stage_dim(stage)
+        assert attn.key.kernel.shape == attn.value.kernel.shape == (dim, kv * dim // heads)
+        assert attn.query.kernel.shape == (dim, dim)
+    logits = nnx.jit(lambda m, x: m(x).logits)(model, jnp.ones((2, 32, 32, 3)))
+    assert logits.shape == (2, 3) and bool(jnp.all(jnp.isfinite(logits)))
+    # The layer runs the strided GQA op: compare with the op on the layer's projections.
+    attn = model.nat.encoder.levels[0].layers[0].attention
+    x = jax.random.normal(jax.random.key(0), (1, 8, 8, 8))
+    q = attn.query(x).reshape(1, 8, 8, 2, 4)
+    k = attn.key(x).reshape(1, 8, 8, 1, 4)
+    v = attn.value(x).reshape(1, 8, 8, 1, 4)
+    ref = natjax.na2d(q, k, v, 3, stride=2, rpb=attn.rpb[...], implementation="reference")
+    want = attn.output(ref.reshape(1, 8, 8, 8))
+    np.testing.assert_allclose(attn(x), want, rtol=1e-5, atol=1e-5)
+    hf = to_hf_config(config)
+    assert hf["num_kv_heads"] == [1, 2] and hf["stride"] == 2
+    assert from_hf_config(hf) == config
+    assert "num_kv_heads" not in to_hf_config(NatConfig()) and "stride" not in to_hf_config(
+        NatConfig()
+    )

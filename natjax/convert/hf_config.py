@@ -215,4 +215,10 @@ def to_hf_config(config: NatConfig, architecture: str = "classification") -> dic
     }
     if config.dilations is not None:
         out["dilations"] = [list(d) for d in config.dilations]
+    # natjax's extensions (GQA/MQA, strided NA) are written only when used: Hugging Face's
+    # configs load them as extra attributes, but its models would build multi-head attention.
+    if config.num_kv_heads is not None:
+        out["num_kv_heads"] = list(config.num_kv_heads)
+    if config.stride != 1:
+        out["stride"] = config.stride
     return dict(sorted(out.items()))

@@ -99,6 +99,10 @@ class NatConfig:
       num_labels: classifier outputs (0 = no classifier head, pooled features are returned).
       id2label: class names in index order (a `{index: name}` mapping is accepted); None means
         Hugging Face's placeholders "LABEL_0", "LABEL_1", ...
+      num_kv_heads: natjax extension, not in Hugging Face's configs: key/value heads per stage
+        for GQA/MQA (each dividing that stage's `num_heads`); None is multi-head attention.
+      stride: natjax extension: strided neighborhood attention in every layer (NATTEN's
+        definition, `natjax.na2d`'s `stride`), `1 <= stride <= kernel_size`; 1 is NAT/DiNAT.
     """
 
     model_type: str = "nat"
@@ -121,6 +125,8 @@ class NatConfig:
     out_indices: tuple[int, ...] | None = None
     num_labels: int | None = None
     id2label: tuple[str, ...] | None = None
+    num_kv_heads: tuple[int, ...] | None = None
+    stride: int = 1
 
     def __post_init__(self) -> None:
         setf = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -155,6 +161,7 @@ class NatConfig:
             if dim % heads:
                 raise _bad("num_heads", self.num_heads, f"stage {i + 1} heads dividing {dim}")
         self._check_dilations()
+        self._check_kv_heads_and_stride()
         if not _is_number(self.mlp_ratio) or not 0 < self.mlp_ratio <= MAX_MLP_RATIO:
             raise _bad("mlp_ratio", self.mlp_ratio, f"a finite number in (0, {MAX_MLP_RATIO:g}]")
         if int(self.mlp_ratio * widest) < 1:
@@ -176,6 +183,23 @@ class NatConfig:
             )
         self._check_labels()
         self._check_out_features()
+
+    def _check_kv_heads_and_stride(self) -> None:
+        # natjax extensions (issue 12): not in Hugging Face's Nat/DinatConfig, which are
+        # multi-head attention with stride 1 (the defaults here).
+        if self.num_kv_heads is not None:
+            kv = _int_tuple("num_kv_heads", self.num_kv_heads, MAX_CHANNELS)
+            if len(kv) != len(self.num_heads) or any(
+                h % k for h, k in zip(self.num_heads, kv, strict=True)
+            ):
+                raise _bad(
+                    "num_kv_heads",
+                    self.num_kv_heads,
+                    f"None or one int per stage dividing num_heads {self.num_heads}",
+                )
+            object.__setattr__(self, "num_kv_heads", kv)
+        if not _is_int(self.stride) or not 1 <= self.stride <= self.kernel_size:
+            raise _bad("stride", self.stride, f"an int in [1, kernel_size={self.kernel_size}]")
 
     def _check_dilations(self) -> None:
         if self.model_type == "nat":

@@ -198,6 +198,8 @@ class NatLayer(nnx.Module):
         dtype: Dtype,
         param_dtype: Dtype,
         rngs: nnx.Rngs,
+        num_kv_heads: int | None = None,
+        stride: int = 1,
     ):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hidden = int(mlp_ratio * dim)
@@ -215,6 +217,8 @@ class NatLayer(nnx.Module):
             proj_drop=attention_probs_dropout_prob,
             implementation=implementation,
             rpb_init=None,
+            stride=stride,
+            num_kv_heads=num_kv_heads,
             **kw,
         )
         self.layernorm_after = layer_norm(dim, layer_norm_eps, **kw)
@@ -332,6 +336,10 @@ class NatEncoder(nnx.Module):
                         dtype=dtype,
                         param_dtype=param_dtype,
                         rngs=rngs,
+                        num_kv_heads=None
+                        if config.num_kv_heads is None
+                        else config.num_kv_heads[stage],
+                        stride=config.stride,
                     )
                 )
                 index += 1
