@@ -180,6 +180,17 @@ def assert_close(actual, expected, rtol, atol, what):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
+def run_on_8_devices(script: str, marker: str) -> None:
+    """Runs `script` in a subprocess with 8 simulated CPU devices (the suite's XLA flags kept,
+    conftest.py) and asserts it printed `marker`, showing its output otherwise."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    res = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900
+    )
+    assert marker in res.stdout, res.stdout + res.stderr
+
+
 class NABackendTests:
     """Tests every backend must pass. Subclasses set `implementation`."""
 
@@ -355,9 +366,6 @@ class NABackendTests:
             pytest.skip("not a production backend")
         script = textwrap.dedent(
             f"""
-            import os
-            flags = os.environ.get("XLA_FLAGS", "")  # keep the suite's flags (conftest.py)
-            os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
             import jax, jax.numpy as jnp, numpy as np, natjax
             from jax.sharding import NamedSharding, PartitionSpec as P
             import contextlib
@@ -399,11 +407,7 @@ class NABackendTests:
             print("SHARDING_OK")
             """
         )
-        env = dict(os.environ)
-        res = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600
-        )
-        assert "SHARDING_OK" in res.stdout, res.stdout + res.stderr
+        run_on_8_devices(script, "SHARDING_OK")
 
     def test_gqa_sharded_heads(self):
         """GQA and MQA on 8 simulated devices with heads sharded, both mesh kinds: kv heads that
@@ -414,9 +418,6 @@ class NABackendTests:
             pytest.skip("not a production backend")
         script = textwrap.dedent(
             f"""
-            import os
-            flags = os.environ.get("XLA_FLAGS", "")  # keep the suite's flags (conftest.py)
-            os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
             import contextlib
             import jax, jax.numpy as jnp, numpy as np, natjax
             from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -458,8 +459,4 @@ class NABackendTests:
             print("GQA_SHARDING_OK")
             """
         )
-        res = subprocess.run(
-            [sys.executable, "-c", script], capture_output=True, text=True, env=dict(os.environ),
-            timeout=900,
-        )  # fmt: skip
-        assert "GQA_SHARDING_OK" in res.stdout, res.stdout + res.stderr
+        run_on_8_devices(script, "GQA_SHARDING_OK")

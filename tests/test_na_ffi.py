@@ -113,6 +113,16 @@ def test_any_tiling_matches_reference(spatial, kernel, dilation, causal, tile):
         assert_close(g, w, 2e-5, 2e-5, f"{name} tile={tile}")
 
 
+def _assert_ffi_matches_dense(q, k, v, rpb, params):
+    """na_ffi's out and lse against dense float32 attention, at q's dtype's tolerance."""
+    out, lse = ffi.na_ffi(q, k, v, rpb, params)
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    want_out, want_lse = _dense(f32(q), f32(k), f32(v), rpb, params)
+    tol = 2e-5 if q.dtype == jnp.float32 else 2e-2
+    assert_close(out, want_out.astype(q.dtype), tol, tol, "out")
+    assert_close(lse, want_lse, tol, tol, "lse")
+
+
 @pytest.mark.parametrize(
     "spatial,kernel,dilation,causal,dim,dtype",
     [
@@ -129,12 +139,7 @@ def test_blocked_forward_matches_dense(spatial, kernel, dilation, causal, dim, d
     params = make_params(nd, spatial, dim, kernel, dilation, causal, None)
     q, k, v = (jnp.asarray(rng.standard_normal((2, *spatial, 3, dim)), dtype) for _ in range(3))
     rpb = jnp.asarray(rng.standard_normal((3, *params.rpb_shape_tail)), jnp.float32)
-    out, lse = ffi.na_ffi(q, k, v, rpb, params)
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    want_out, want_lse = _dense(f32(q), f32(k), f32(v), rpb, params)
-    tol = 2e-5 if dtype == jnp.float32 else 2e-2
-    assert_close(out, want_out.astype(dtype), tol, tol, "out")
-    assert_close(lse, want_lse, tol, tol, "lse")
+    _assert_ffi_matches_dense(q, k, v, rpb, params)
 
 
 @pytest.mark.parametrize(
@@ -158,12 +163,7 @@ def test_shared_window_forward_matches_dense(spatial, kernel, dilation, heads, k
     v = f(2, *spatial, kv_heads, value_dim)
     rpb = (jnp.asarray(rng.standard_normal((heads, *params.rpb_shape_tail)), jnp.float32)
            if bias else None)  # fmt: skip
-    out, lse = ffi.na_ffi(q, k, v, rpb, params)
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    want_out, want_lse = _dense(f32(q), f32(k), f32(v), rpb, params)
-    tol = 2e-5 if dtype == jnp.float32 else 2e-2
-    assert_close(out, want_out.astype(dtype), tol, tol, "out")
-    assert_close(lse, want_lse, tol, tol, "lse")
+    _assert_ffi_matches_dense(q, k, v, rpb, params)
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,13 @@ lowering (no GPU needed). GPU-only checks are marked `gpu` and skip elsewhere.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from na_base import NABackendTests, assert_close, make_inputs
+from na_base import NABackendTests, assert_close, make_inputs, run_on_8_devices
 
 import natjax
 from natjax.ops.na.pallas_triton import na_pallas, unsupported_reason
@@ -294,9 +293,6 @@ def test_gpu_large_matches_xla(dtype):
 
 
 _AUTO_MESH_SCRIPT = """
-import os
-flags = os.environ.get("XLA_FLAGS", "")  # keep the suite's flags (conftest.py)
-os.environ["XLA_FLAGS"] = flags + " --xla_force_host_platform_device_count=8"
 import jax, jax.numpy as jnp, numpy as np, natjax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 auto = (AxisType.Auto, AxisType.Auto)
@@ -326,9 +322,4 @@ print("AUTO_MESH_OK")
 def test_sharded_auto_mesh_uses_custom_partitioning():
     """Auto-axis meshes (no sharding in types) go through `custom_partitioning`: per-shard
     kernels, no all-gather, same values as unsharded (the shared test covers explicit meshes)."""
-    env = dict(os.environ)
-    res = subprocess.run(
-        [sys.executable, "-c", _AUTO_MESH_SCRIPT], capture_output=True, text=True, env=env,
-        timeout=600,
-    )  # fmt: skip
-    assert "AUTO_MESH_OK" in res.stdout, res.stdout + res.stderr
+    run_on_8_devices(_AUTO_MESH_SCRIPT, "AUTO_MESH_OK")
