@@ -50,6 +50,7 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import gate_cases  # noqa: E402
+import gate_loads  # noqa: E402
 import gate_ptx  # noqa: E402
 
 KERNELS = ("na_pallas_fwd", "na_pallas_dq", "na_pallas_dkv")
@@ -134,11 +135,13 @@ def _kernels_in_dump(dump: str, ptxas: str) -> dict[str, dict]:
             continue
         path = os.path.join(dump, name)
         with open(path) as f:
-            entries = set(re.findall(r"\.entry\s+(na_pallas_\w+)\(", f.read()))
+            ptx = f.read()
+        entries = set(re.findall(r"\.entry\s+(na_pallas_\w+)\(", ptx))
         if entries:
+            loads = gate_loads.loop_loads(ptx)
             for fn, st in gate_ptx.ptxas_report(ptxas, path).items():
                 if fn in entries:
-                    found[fn] = st
+                    found[fn] = {**st, "loop_loads": loads.get(fn)}
     for fn, la in gate_ptx.launches(dump).items():
         if fn in found:
             found[fn].update(la)
@@ -161,6 +164,9 @@ def problems_of(kernels: dict[str, dict]) -> list[str]:
             bad.append(f"{short} spills {st['spill_stores']}/{st['spill_loads']} B")
         if (st.get("smem") or 0) > gate_ptx.BLOCK_SMEM:
             bad.append(f"{short} needs {st['smem']} B shared memory > {gate_ptx.BLOCK_SMEM}")
+        loads = st.get("loop_loads")
+        if loads is not None and (problem := gate_loads.check_async(fn, loads)):
+            bad.append(problem)
         blocks = st.get("blocks_per_sm")
         if blocks is None:
             bad.append(f"{short}: no register/launch record to count resident blocks")
@@ -227,10 +233,12 @@ def _row(case: str, fn: str, st: dict, rec: dict) -> str:
     loops = rec["loops"].get(fn) or [{}]
     loop = loops[0] if isinstance(loops, list) else {}
     ops = f"{loop.get('score_ops', '?')}/{loop.get('ops_per_score', '?')}"
+    ld = st.get("loop_loads") or {}
+    loads = f"{ld.get('async_bytes', '?')}/{ld.get('sync_bytes', '?')}"
     return (
         f"{case:<22} {fn.replace('na_pallas_', ''):<4} {launch.get('num_warps', '?'):>2} "
         f"{st.get('regs', '?'):>4} {st['spill_stores']:>5}/{st['spill_loads']:<5} "
-        f"{st.get('smem', '?'):>7} {st.get('blocks_per_sm', '?'):>4} {ops:>12}"
+        f"{st.get('smem', '?'):>7} {st.get('blocks_per_sm', '?'):>4} {ops:>12} {loads:>9}"
     )
 
 
@@ -267,7 +275,7 @@ def main(argv=None) -> int:
 
     print(f"jax {jax.__version__}; target H100 (sm_90a, deviceless); {version}")
     print(f"{len(cases)} cases, forward + backward each\n")
-    head = f"{'case':<22} kern nw regs spill st/ld    smem b/SM  ops/score*"
+    head = f"{'case':<22} kern nw regs spill st/ld    smem b/SM  ops/score* async/ld**"
     print(head + "\n" + "-" * len(head))
     records, failed, t0 = [], 0, time.time()
     for case in cases:
@@ -286,7 +294,10 @@ def main(argv=None) -> int:
         sys.stdout.flush()
     print(
         "* inner-loop non-matmul ops per score, Triton IR after canonicalize/CSE/LICM: on the "
-        "score block / all but the tile loads (gate_ptx.loop_ops_per_score)"
+        "score block / all but the tile loads (gate_ptx.loop_ops_per_score)\n"
+        "** bytes one thread loads per loop iteration by cp.async / by synchronous ld.global, "
+        f"from the PTX (gate_loads.loop_loads; fwd and dq must be >= "
+        f"{gate_loads.MIN_ASYNC_FRACTION:.0%} async)"
     )
     refused = sum(1 for r in records if r["refused"])
     print(

@@ -199,6 +199,55 @@ def test_forward_inner_loop_ops_per_score():
         assert loops[0]["load_ops_per_element"] > 0, loops[0]
 
 
+_PTX_TWO_KERNELS = """
+.visible .entry na_pallas_fwd(
+\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+\tcp.async.cg.shared.global [ %r9 + 0 ], [ %rd2 + 0 ], 0x10, %r5;
+$L__BB0_1:
+\tcp.async.wait_group \t0;
+\tcp.async.cg.shared.global [ %r9 + 0 ], [ %rd3 + 0 ], 0x10, %r5;
+\tcp.async.ca.shared.global [ %r8 + 0 ], [ %rd4 + 0 ], 0x8, %r5;
+\tmov.u32 %r6, 0x0; @%p3 ld.global.b32 { %r6 }, [ %rd5 + 0 ];
+\t@!%p6 bra \t$L__BB0_1;
+\tbra.uni \t$L__BB0_2;
+$L__BB0_2:
+\tld.global.v2.b32 { %r7, %r8 }, [ %rd6 + 0 ];
+}
+.visible .entry na_pallas_dq(
+$L__BB1_1:
+\tld.global.nc.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+\tld.global.b16 { %rs1 }, [ %rd2 + 0 ];
+\t@%p1 bra \t$L__BB1_1;
+}
+.visible .entry na_pallas_dkv(
+\tld.global.v4.b32 { %r1, %r2, %r3, %r4 }, [ %rd1 + 0 ];
+}
+"""
+
+
+def test_gate_loop_loads_from_ptx():
+    """The compile gate's load statistic (`gate_loads.loop_loads`): per kernel, the bytes one
+    thread loads inside loop bodies (a label up to the backward branch to it) by `cp.async`
+    (its size operand) and by `ld.global` (vector width x element width); loads before or after
+    the loop and forward branches do not count; the forward/dq check fails a loop whose loads
+    are mostly synchronous and passes a kernel without a loop (a 1-D call's single key row)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "experiments"))
+    import gate_loads
+
+    stats = gate_loads.loop_loads(_PTX_TWO_KERNELS)
+    assert stats["na_pallas_fwd"] == dict(
+        async_bytes=24, sync_bytes=4, async_copies=2, sync_loads=1
+    )
+    assert stats["na_pallas_dq"] == dict(async_bytes=0, sync_bytes=18, async_copies=0, sync_loads=2)
+    assert stats["na_pallas_dkv"] == dict(async_bytes=0, sync_bytes=0, async_copies=0, sync_loads=0)
+    assert gate_loads.check_async("na_pallas_fwd", stats["na_pallas_fwd"]) is None  # 86% async
+    problem = gate_loads.check_async("na_pallas_dq", stats["na_pallas_dq"])
+    assert problem is not None and "0 B/thread by cp.async and 18 B" in problem, problem
+    assert gate_loads.check_async("na_pallas_dkv", stats["na_pallas_dkv"]) is None  # not gated
+    no_loop = dict(async_bytes=0, sync_bytes=0, async_copies=0, sync_loads=0)
+    assert gate_loads.check_async("na_pallas_fwd", no_loop) is None
+
+
 def test_unsupported_reason_and_dispatch():
     params = make_params(2, (8, 8), 16, 3, 1, False, None)
     call = NACall.for_query
