@@ -20,6 +20,7 @@
 #include "na_kernels.h"
 #include "parallel.h"
 #include "shared_fwd.h"
+#include "strip_fwd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;

@@ -401,19 +401,6 @@ void forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const
   if (bs.kt.capacity() * sizeof(float) > (size_t{8} << 20)) std::vector<float>().swap(bs.kt);
 }
 
-// The float32 forward of one work unit on AVX2: shared-window tiles here, other tiles by the
-// blocks of block_fwd.h (which fall back to the per-query kernel where blocks do not pay).
-// The choice depends on shapes only (deterministic results).
-template <typename T>
-void forward_unit_avx2(const Geometry& g, const FwdArgs<T, float>& args, int64_t unit) {
-  const Unit un = decode_unit(g, unit);
-  const int64_t nk = box_volume(un.kh);
-  if (nk <= kSharedMaxKeys && nk * g.head_dim * int64_t{sizeof(float)} <= kBlockHaloBytes &&
-      tile_shares_window(g, un))
-    return forward_unit_shared<T>(g, args, un);
-  forward_unit_blocked<T>(g, args, un);
-}
-
 #endif  // NATJAX_AVX2
 
 }  // namespace natjax
