@@ -74,16 +74,6 @@ struct Lanes8 {
     return _mm256_blendv_ps(set1(-std::numeric_limits<float>::infinity()), x, keep);
   }
   static V exp(V x) { return exp256(x); }
-  // Element c of the rows base + i * step (i < N; lanes past nl repeat row nl - 1).
-  static V gather(const float* base, int32_t step, int nl) {
-    const I i = _mm256_min_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(nl - 1));
-    return _mm256_i32gather_ps(base, _mm256_mullo_epi32(i, _mm256_set1_epi32(step)), 4);
-  }
-  static void scatter(float* base, int32_t step, int nl, V x) {
-    alignas(32) float t[N];
-    _mm256_store_ps(t, x);
-    for (int i = 0; i < nl; ++i) base[i * step] = t[i];
-  }
   // First n (< N) elements from p, zeros after; and the store of the first n.
   static V load_n(const float* p, int64_t n) {
     return n >= N ? loadu(p) : _mm256_maskload_ps(p, _mm256_castps_si256(lane_mask(n)));
@@ -142,16 +132,6 @@ struct Lanes16 {
     return _mm512_mask_blend_ps(keep, set1(-std::numeric_limits<float>::infinity()), x);
   }
   static V exp(V x) { return exp512(x); }
-  static V gather(const float* base, int32_t step, int nl) {
-    const I i = _mm512_min_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(nl - 1));
-    return _mm512_i32gather_ps(_mm512_mullo_epi32(i, _mm512_set1_epi32(step)), base, 4);
-  }
-  static void scatter(float* base, int32_t step, int nl, V x) {
-    const I i = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(step));
-    _mm512_mask_i32scatter_ps(base, static_cast<__mmask16>((1u << nl) - 1), i, x, 4);
-  }
   static V load_n(const float* p, int64_t n) {
     return n >= N ? loadu(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
   }
@@ -378,7 +358,7 @@ struct StripScratch {
   std::vector<float> kt, vt, qt, s, acc, bias;
   std::vector<float> zero, dummy;
   std::vector<int64_t> koff;
-  std::vector<const float*> pk;
+  std::vector<float*> pk;  // per (key row, tile row): its logit row, or null (then zeros)
   std::vector<Strip> strips;
   std::vector<StripRow> rows;
 };
@@ -616,7 +596,7 @@ void forward_strip_rows(const Geometry& g, const FwdArgs<T, float>& args, const 
     for (int64_t t0 = 0; t0 < n; t0 += kRowsKeys) {
       float* sp[R];
       for (int r = 0; r < R; ++r) {
-        float* d = const_cast<float*>(ss.pk[kr * R + r]);
+        float* d = ss.pk[kr * R + r];
         sp[r] = (d ? d : ss.dummy.data()) + t0 * N;
       }
       const int nj = static_cast<int>(std::min<int64_t>(kRowsKeys, n - t0));
