@@ -180,15 +180,23 @@ def assert_close(actual, expected, rtol, atol, what):
     np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg=what)
 
 
-def run_on_8_devices(script: str, marker: str) -> None:
-    """Runs `script` in a subprocess with 8 simulated CPU devices (the suite's XLA flags kept,
-    conftest.py) and asserts it printed `marker`, showing its output otherwise."""
+def run_on_8_devices(*checks: tuple[str, str]) -> None:
+    """Runs the `(script, marker)` checks in one subprocess with 8 simulated CPU devices (the
+    suite's XLA flags kept, conftest.py; one process start and jax import for all of them), each
+    script in a namespace of its own and each run even if an earlier one failed, and asserts that
+    every script printed its marker, showing the output otherwise."""
+    driver = "import traceback\n" + "".join(
+        f"try:\n    exec({script!r}, {{'__name__': '__main__'}})\n"
+        "except Exception:\n    traceback.print_exc()\n"
+        for script, _ in checks
+    )
     env = dict(os.environ)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     res = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=900
+        [sys.executable, "-c", driver], capture_output=True, text=True, env=env, timeout=900
     )
-    assert marker in res.stdout, res.stdout + res.stderr
+    missing = [marker for _, marker in checks if marker not in res.stdout]
+    assert not missing, f"{missing} not printed\n" + res.stdout + res.stderr
 
 
 class NABackendTests:
@@ -359,12 +367,25 @@ class NABackendTests:
 
     # -- sharding ----------------------------------------------------------------------------
 
-    def test_sharded_batch_and_heads(self):
-        """On 8 simulated devices, batch x heads sharded inputs give identically sharded,
-        equal outputs and gradients, with no all-gather in the compiled program."""
+    # Further (script, marker) checks a backend runs in the same 8-device subprocess.
+    extra_sharding_checks: tuple[tuple[str, str], ...] = ()
+
+    def test_sharding_on_8_devices(self):
+        """The backend's 8-device checks in one subprocess (one process start and jax import):
+        batch x heads sharding, GQA/MQA with heads sharded, and the backend's own
+        `extra_sharding_checks`."""
         if not self.test_sharding:
             pytest.skip("not a production backend")
-        script = textwrap.dedent(
+        run_on_8_devices(
+            (self._sharded_batch_and_heads_script(), "SHARDING_OK"),
+            (self._gqa_sharded_heads_script(), "GQA_SHARDING_OK"),
+            *self.extra_sharding_checks,
+        )
+
+    def _sharded_batch_and_heads_script(self) -> str:
+        """On 8 simulated devices, batch x heads sharded inputs give identically sharded,
+        equal outputs and gradients, with no all-gather in the compiled program."""
+        return textwrap.dedent(
             f"""
             import jax, jax.numpy as jnp, numpy as np, natjax
             from jax.sharding import NamedSharding, PartitionSpec as P
@@ -407,16 +428,13 @@ class NABackendTests:
             print("SHARDING_OK")
             """
         )
-        run_on_8_devices(script, "SHARDING_OK")
 
-    def test_gqa_sharded_heads(self):
+    def _gqa_sharded_heads_script(self) -> str:
         """GQA and MQA on 8 simulated devices with heads sharded, both mesh kinds: kv heads that
         divide the head shards stay sharded (no all-gather in the backward); MQA (one kv head
         over two head shards) runs with heads unsplit; values, gradients and the gradients'
         shardings (those of their primals) as unsharded."""
-        if not self.test_sharding:
-            pytest.skip("not a production backend")
-        script = textwrap.dedent(
+        return textwrap.dedent(
             f"""
             import contextlib
             import jax, jax.numpy as jnp, numpy as np, natjax
@@ -459,4 +477,3 @@ class NABackendTests:
             print("GQA_SHARDING_OK")
             """
         )
-        run_on_8_devices(script, "GQA_SHARDING_OK")

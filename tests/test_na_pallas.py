@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from na_base import NABackendTests, assert_close, make_inputs, run_on_8_devices
+from na_base import NABackendTests, assert_close, make_inputs
 
 import natjax
 from natjax.ops.na.pallas_triton import na_pallas, unsupported_reason
@@ -26,6 +26,36 @@ from natjax.ops.na.spec import NACall, make_params
 _ON_GPU = jax.default_backend() == "gpu"
 
 
+# Auto-axis meshes (no sharding in types) go through `custom_partitioning`: per-shard kernels, no
+# all-gather, same values as unsharded (the shared sharding checks cover explicit meshes too).
+# Run in TestPallas's 8-device subprocess with the shared sharding checks.
+_AUTO_MESH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np, natjax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+auto = (AxisType.Auto, AxisType.Auto)
+mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=auto)
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((8, 13, 4, 8)), jnp.float32) for _ in range(3))
+rpb = jnp.asarray(rng.standard_normal((4, 9)), jnp.float32)
+xs = NamedSharding(mesh, P("data", None, "model", None))
+rs = NamedSharding(mesh, P("model"))
+f = lambda q, k, v, rpb: natjax.na1d(q, k, v, 5, dilation=2, is_causal=True, rpb=rpb,
+                                        implementation="pallas")
+loss = lambda q, k, v, rpb: jnp.sum(f(q, k, v, rpb) ** 2)
+args = [jax.device_put(x, s) for x, s in zip((q, k, v, rpb), (xs, xs, xs, rs))]
+fwd = jax.jit(f, in_shardings=(xs, xs, xs, rs), out_shardings=xs)
+bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), in_shardings=(xs, xs, xs, rs),
+              out_shardings=(xs, xs, xs, rs))
+for name, fn in (("fwd", fwd), ("bwd", bwd)):
+    hlo = fn.lower(*args).compile().as_text()
+    assert "all-gather" not in hlo and "all-to-all" not in hlo, name
+np.testing.assert_allclose(fwd(*args), f(q, k, v, rpb), rtol=1e-5, atol=1e-5)
+for a, b in zip(bwd(*args), jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, rpb)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+print("AUTO_MESH_OK")
+"""
+
+
 class TestPallas(NABackendTests):
     implementation = "pallas"
     # Interpret mode is slow on CPU: smaller random sweeps (the tile-boundary tests below add
@@ -34,6 +64,7 @@ class TestPallas(NABackendTests):
     feature_seeds = (0, 1, 2, 3)
     dtype_seeds = (3,)
     supports_float64 = False
+    extra_sharding_checks = ((_AUTO_MESH_SCRIPT, "AUTO_MESH_OK"),)
 
 
 def _grads(fn, q, k, v, rpb, d_out):
@@ -339,36 +370,3 @@ def test_gpu_large_matches_xla(dtype):
         for g, w in zip(grads, want_grads, strict=True):
             scale = float(jnp.max(jnp.abs(w.astype(jnp.float32)))) + 1.0
             assert_close(g, w, tol, tol * scale, f"grad {spatial}")
-
-
-_AUTO_MESH_SCRIPT = """
-import jax, jax.numpy as jnp, numpy as np, natjax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-auto = (AxisType.Auto, AxisType.Auto)
-mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=auto)
-rng = np.random.default_rng(0)
-q, k, v = (jnp.asarray(rng.standard_normal((8, 13, 4, 8)), jnp.float32) for _ in range(3))
-rpb = jnp.asarray(rng.standard_normal((4, 9)), jnp.float32)
-xs = NamedSharding(mesh, P("data", None, "model", None))
-rs = NamedSharding(mesh, P("model"))
-f = lambda q, k, v, rpb: natjax.na1d(q, k, v, 5, dilation=2, is_causal=True, rpb=rpb,
-                                        implementation="pallas")
-loss = lambda q, k, v, rpb: jnp.sum(f(q, k, v, rpb) ** 2)
-args = [jax.device_put(x, s) for x, s in zip((q, k, v, rpb), (xs, xs, xs, rs))]
-fwd = jax.jit(f, in_shardings=(xs, xs, xs, rs), out_shardings=xs)
-bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)), in_shardings=(xs, xs, xs, rs),
-              out_shardings=(xs, xs, xs, rs))
-for name, fn in (("fwd", fwd), ("bwd", bwd)):
-    hlo = fn.lower(*args).compile().as_text()
-    assert "all-gather" not in hlo and "all-to-all" not in hlo, name
-np.testing.assert_allclose(fwd(*args), f(q, k, v, rpb), rtol=1e-5, atol=1e-5)
-for a, b in zip(bwd(*args), jax.grad(loss, argnums=(0, 1, 2, 3))(q, k, v, rpb)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-print("AUTO_MESH_OK")
-"""
-
-
-def test_sharded_auto_mesh_uses_custom_partitioning():
-    """Auto-axis meshes (no sharding in types) go through `custom_partitioning`: per-shard
-    kernels, no all-gather, same values as unsharded (the shared test covers explicit meshes)."""
-    run_on_8_devices(_AUTO_MESH_SCRIPT, "AUTO_MESH_OK")
