@@ -30,6 +30,43 @@ for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitter
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
 
 
+# The longest items (minutes each on 2 cores) start first, so that xdist's workers do not end the
+# run with one of them alone: the 8-device sharding subprocess of every backend and the training
+# runs. A module with module-scoped fixtures moves as a whole (they stay contiguous).
+_FIRST_MODULES = ("test_train.py", "test_train_run.py")
+# Modules run by one xdist worker as one unit: test_train.py's run fixtures (`reference_run`,
+# `sgd_reference`, ~30 s each) are then built once, not once by each worker running a test that
+# uses them. (pytest-xdist's `xdist_group` marks do nothing with pytest 9: xdist renames
+# `item._nodeid`, which pytest 9 no longer reads.)
+_ONE_WORKER_MODULES = ("tests/test_train.py",)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        if getattr(item, "originalname", None) == "test_sharding_on_8_devices":
+            return 0
+        return 1 if item.path.name in _FIRST_MODULES else 2
+
+    items.sort(key=rank)  # stable: the collection order within each rank
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n` with the default `--dist load`: xdist's per-test load balancing, except that each of
+    `_ONE_WORKER_MODULES` is one work unit (units with the most tests are handed out first)."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            module = nodeid.split("::", 1)[0]
+            return module if module in _ONE_WORKER_MODULES else nodeid
+
+    return Scheduling(config, log)
+
+
 def pytest_generate_tests(metafunc):
     # `NABackendTests.test_matches_reference` sweeps the seeds the backend class asks for.
     if "seed" in metafunc.fixturenames and metafunc.cls is not None:
