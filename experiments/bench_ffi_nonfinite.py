@@ -8,8 +8,11 @@ One run times, interleaved (each round runs every variant once), on finite float
   * `copy`: the confinement as it was before the kernels read NaN/inf as 0, the wrapper
     passing the backend a zero-substituted copy of q, k, v (`confine_nonfinite` with an
     unmarked backend);
-  * `in-kernel`: `na2d(implementation="ffi")` as it is now: raw inputs to the kernels, which
-    read non-finite entries as 0; the wrapper only checks finiteness and adds its fix-up.
+  * `checked`: raw inputs to the kernels, which read non-finite entries as 0, and the
+    wrapper's own finiteness pass over q, k, v as the fix-up's predicate (natjax-ffi 0.2);
+  * `in-kernel`: `na2d(implementation="ffi")` as it is now: raw inputs, and the kernels also
+    report whether they read a non-finite entry (natjax-ffi >= 0.3), so the wrapper makes no
+    pass over q, k, v of its own; `out` and `lse` pass the fix-up's `lax.cond` untouched.
 Forward and forward+backward (gradients of q, k, v and rpb). Prints medians, the ratios to
 `kernel`, and the machine load (`uptime`) before and after.
 """
@@ -30,7 +33,7 @@ from bench_ffi import CASES, _interleaved_medians, _uptime  # noqa: E402
 
 import natjax  # noqa: E402
 from natjax.ops.na import ffi  # noqa: E402
-from natjax.ops.na.nonfinite import confine_nonfinite  # noqa: E402
+from natjax.ops.na.nonfinite import confine_nonfinite, reads_nonfinite_as_zero  # noqa: E402
 from natjax.ops.na.spec import make_params  # noqa: E402
 
 
@@ -44,10 +47,15 @@ def _variants(ndim: int, kernel: int, dilation: int, params) -> dict:
         # An unmarked backend: the wrapper substitutes a copy of q, k, v (the old ffi path).
         return confine_nonfinite(lambda *a: ffi.na_ffi(*a), q, k, v, rpb, params)[0]
 
+    def checked(q, k, v, rpb):
+        # Marked as reading NaN/inf as 0 but not reporting it: the wrapper checks q, k, v.
+        backend = reads_nonfinite_as_zero(lambda *a: ffi.na_ffi(*a))
+        return confine_nonfinite(backend, q, k, v, rpb, params)[0]
+
     def in_kernel(q, k, v, rpb):
         return op(q, k, v, kernel, dilation=dilation, rpb=rpb, implementation="ffi")
 
-    return {"kernel": kernel_only, "copy": copy, "in-kernel": in_kernel}
+    return {"kernel": kernel_only, "copy": copy, "checked": checked, "in-kernel": in_kernel}
 
 
 def main(argv=None) -> None:

@@ -108,7 +108,7 @@ def test_any_tiling_matches_reference(spatial, kernel, dilation, causal, tile):
     geo = ffi.make_geometry(q.shape, k.shape, v.shape, q.dtype, params, True)
     geo = dataclasses.replace(geo, tile=tile)
     want = _value_and_grads(lambda *a: _dense(*a, params), q, k, v, rpb, d_out)
-    got = _value_and_grads(lambda *a: ffi._na(geo, *a), q, k, v, rpb, d_out)
+    got = _value_and_grads(lambda *a: ffi._na(geo, *a)[:2], q, k, v, rpb, d_out)
     for name, g, w in zip(_NAMES, got, want, strict=True):
         assert_close(g, w, 2e-5, 2e-5, f"{name} tile={tile}")
 
@@ -328,7 +328,10 @@ def _raw_forward(geo, q, rpb, **overrides):
     out_types = (
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32),
+        jax.ShapeDtypeStruct((q.shape[0], q.shape[2]), jnp.int32),
     )
+    if "reports_nonfinite" not in ffi._features():  # natjax-ffi < 0.3: no `seen` result
+        out_types = out_types[:2]
     return jax.ffi.ffi_call("natjax_na_fwd", out_types)(q, q, q, rpb, **attrs)
 
 
@@ -354,11 +357,55 @@ def test_handlers_reject_bad_buffers_and_tables():
             jax.block_until_ready(_raw_forward(geo, q, rpb, **overrides))
     with pytest.raises(Exception, match="rpb has shape"):
         jax.block_until_ready(_raw_forward(geo, q, jnp.zeros((2, 24), jnp.float32)))
+    if "reports_nonfinite" not in ffi._features():
+        return  # the checks below are of natjax-ffi >= 0.3's handler (three results)
     with pytest.raises(Exception, match="share one dtype"):
         out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-                     jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32))  # fmt: skip
+                     jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32),
+                     jax.ShapeDtypeStruct((1, 2), jnp.int32))  # fmt: skip
         call = jax.ffi.ffi_call("natjax_na_fwd", out_types)
         jax.block_until_ready(call(q, q.astype(jnp.float16), q, rpb, **ffi._attributes(geo, False)))
+    with pytest.raises(Exception, match="seen has shape"):
+        out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+                     jax.ShapeDtypeStruct(q.shape[:-1], jnp.float32),
+                     jax.ShapeDtypeStruct((2, 1), jnp.int32))  # fmt: skip
+        call = jax.ffi.ffi_call("natjax_na_fwd", out_types)
+        jax.block_until_ready(call(q, q, q, rpb, **ffi._attributes(geo, False)))
+
+
+# One case per forward path of the library: strips (2-D, float32 and float16), the
+# shared-window kernel (7x7 map, kernel 7), blocked (1-D), per-query (float64), and GQA.
+_REPORT_CASES = [
+    ((10, 12), 5, 1, "float32", 2, 2),
+    ((10, 12), 3, 2, "float16", 2, 1),
+    ((7, 7), 7, 1, "float32", 2, 2),
+    ((40,), 7, 1, "float32", 2, 2),
+    ((6, 7), 3, 1, "float64", 2, 2),
+    ((4, 5, 6), 3, 1, "float32", 4, 2),
+]
+
+
+@pytest.mark.parametrize("spatial,kernel,dilation,dtype,heads,kv_heads", _REPORT_CASES)
+def test_kernels_report_nonfinite_reads(spatial, kernel, dilation, dtype, heads, kv_heads):
+    """`na_ffi_reporting`'s flag (the confinement's predicate): False for finite inputs, True
+    for one NaN or inf anywhere in q, k or v (every key is in some neighborhood here)."""
+    if "reports_nonfinite" not in ffi._features():
+        pytest.skip("library without the reports_nonfinite feature (natjax-ffi < 0.3)")
+    rng = np.random.default_rng(7)
+    params = make_params(len(spatial), spatial, 8, kernel, dilation, False, None)
+    shapes = {"q": (2, *spatial, heads, 8), "k": (2, *spatial, kv_heads, 8),
+              "v": (2, *spatial, kv_heads, 8)}  # fmt: skip
+    base = {n: rng.standard_normal(s).astype(dtype) for n, s in shapes.items()}
+    run = jax.jit(lambda q, k, v: ffi.na_ffi_reporting(q, k, v, None, params)[2])
+    assert not bool(run(*(jnp.asarray(base[n]) for n in "qkv")))
+    for trial, (name, bad) in enumerate(
+        [("q", np.nan), ("k", np.inf), ("v", -np.inf), ("k", np.nan), ("v", np.nan)]
+    ):
+        arrays = {n: a.copy() for n, a in base.items()}
+        flat = arrays[name].reshape(-1)
+        flat[rng.integers(flat.size)] = bad
+        got = run(*(jnp.asarray(arrays[n]) for n in "qkv"))
+        assert bool(got), f"trial {trial}: a {bad} in {name} was not reported"
 
 
 def test_backward_is_deterministic():

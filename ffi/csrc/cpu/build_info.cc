@@ -22,9 +22,11 @@ extern "C" const char* natjax_ffi_build_info() {
 extern "C" int natjax_ffi_reads_nonfinite_as_zero() { return 1; }
 
 // Optional kernel paths of this build, space-separated (natjax/ops/na/ffi.py reads them):
-// "shared_window_forward" (shared_fwd.h: tiles whose queries all see one window, AVX2+).
+// "shared_window_forward" (shared_fwd.h: tiles whose queries all see one window, AVX2+);
+// "reports_nonfinite" (0.3: the forward's third result, seen [B, H], says which (batch, head)
+// read a NaN/inf q, k or v element).
 extern "C" const char* natjax_ffi_features() {
-  return "reads_nonfinite_as_zero"
+  return "reads_nonfinite_as_zero reports_nonfinite"
 #if NATJAX_AVX2
          " shared_window_forward"
 #endif

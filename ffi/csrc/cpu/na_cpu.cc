@@ -1,14 +1,16 @@
 // XLA FFI handlers of the CPU neighborhood-attention kernels.
 //
-//   natjax_na_fwd_cpu(q, k, v, rpb) -> (out, lse)
+//   natjax_na_fwd_cpu(q, k, v, rpb) -> (out, lse, seen)
 //   natjax_na_bwd_cpu(q, k, v, rpb, out, d_out, lse, d_lse) -> (dq, dk, dv, drpb)
 //
 // Layouts (row-major): q [B, N, H, D], k [B, N, G, D], v [B, N, G, Dv], rpb [H, R] (or [H, 1]
 // without a bias), out / d_out [B, N, H, Dv], lse / d_lse [B, N, H], drpb [B, H, R, 1] (per-batch
-// partials; the caller sums the batch). q/k/v/out/d_out/dq/dk/dv share one dtype (float16,
+// partials; the caller sums the batch), seen [B, H] int32 (1 where the forward of (b, h) read a
+// NaN/inf q, k or v element, which it read as 0). q/k/v/out/d_out/dq/dk/dv share one dtype (float16,
 // bfloat16, float32 or float64); rpb, lse, d_lse and drpb are float32 (float64 for float64).
 // The window tables come as attributes (see ../common/geometry.h). Every shape, dtype and table is
 // validated here, and problems return an FFI InvalidArgument error instead of crashing.
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -171,22 +173,39 @@ T* data(ffi::Result<ffi::AnyBuffer>& b) {
 template <typename T>
 std::string run_forward(const Geometry& g, const Scheduler& sched, ffi::AnyBuffer& q,
                         ffi::AnyBuffer& k, ffi::AnyBuffer& v, ffi::AnyBuffer& rpb,
-                        ffi::Result<ffi::AnyBuffer>& out, ffi::Result<ffi::AnyBuffer>& lse) {
+                        ffi::Result<ffi::AnyBuffer>& out, ffi::Result<ffi::AnyBuffer>& lse,
+                        ffi::Result<ffi::AnyBuffer>& seen) {
   using A = typename AccumOf<T>::type;
   FwdArgs<T, A> args{data<const T>(q), data<const T>(k), data<const T>(v), data<const A>(rpb),
                      data<T>(out),     data<A>(lse)};
-  const int64_t units = g.batch * g.kv_heads * g.num_tiles();
+  const int64_t tiles = g.num_tiles(), units = g.batch * g.kv_heads * tiles;
+  std::vector<uint8_t> bad(static_cast<size_t>(units), 0);  // one byte per unit: no races
+  std::string e;
 #if NATJAX_AVX2
   if constexpr (std::is_same_v<A, float>)  // register-blocked (shared_fwd.h, block_fwd.h)
-    return parallel_for(sched, units, [&](int64_t u) { forward_unit_avx2<T>(g, args, u); });
+    e = parallel_for(sched, units, [&](int64_t u) { bad[u] = forward_unit_avx2<T>(g, args, u); });
+  else
 #endif
-  return parallel_for(sched, units,
-                      [&](int64_t u) { forward_unit<T, A>(g, args, decode_unit(g, u)); });
+    e = parallel_for(sched, units, [&](int64_t u) {
+      const Unit un = decode_unit(g, u);
+      forward_unit<T, A>(g, args, un);
+      bad[u] = unit_reads_nonfinite(g, args, un);
+    });
+  // seen[b, h]: any unit of (b, kv head of h) read a non-finite element.
+  int32_t* flags = data<int32_t>(seen);
+  const int64_t group = g.group_size();
+  for (int64_t b = 0; b < g.batch; ++b)
+    for (int64_t h = 0; h < g.heads; ++h) {
+      const uint8_t* u = bad.data() + (b * g.kv_heads + h / group) * tiles;
+      flags[b * g.heads + h] = std::any_of(u, u + tiles, [](uint8_t x) { return x != 0; });
+    }
+  return e;
 }
 
 ffi::Error NaForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
                      ffi::AnyBuffer rpb, ffi::Result<ffi::AnyBuffer> out,
-                     ffi::Result<ffi::AnyBuffer> lse, I64s lengths, I64s dilation, I64s rpb_dims,
+                     ffi::Result<ffi::AnyBuffer> lse, ffi::Result<ffi::AnyBuffer> seen,
+                     I64s lengths, I64s dilation, I64s rpb_dims,
                      I64s win_start, I64s win_count, I64s rpb_start, I64s tiles, I64s tile_start,
                      I64s tile_count, int64_t has_rpb, double scale) {
   const ffi::DataType dt = q.element_type();
@@ -196,19 +215,22 @@ ffi::Error NaForward(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   if (rpb.element_type() != accum_type(dt) || lse->element_type() != accum_type(dt))
     return ffi::Error::InvalidArgument(
         "natjax_na_fwd: rpb and lse must be float32 (float64 for float64 inputs)");
+  if (seen->element_type() != ffi::DataType::S32)
+    return ffi::Error::InvalidArgument("natjax_na_fwd: seen must be int32");
   TableAttrs t{lengths, dilation, rpb_dims, win_start, win_count, rpb_start,
                {},      {},       tiles,    tile_start, tile_count};
   Geometry g;
   std::string e = make_geometry(q, k, v, rpb, t, has_rpb != 0, scale, false, g);
   if (e.empty()) e = check_dims("out", *out, {g.batch, g.tokens, g.heads, g.value_dim});
   if (e.empty()) e = check_dims("lse", *lse, {g.batch, g.tokens, g.heads});
+  if (e.empty()) e = check_dims("seen", *seen, {g.batch, g.heads});
   if (!e.empty()) return ffi::Error::InvalidArgument("natjax_na_fwd: " + e);
   const Scheduler sched = make_scheduler(pool, g);
   switch (dt) {
-    case ffi::DataType::F16: e = run_forward<f16_t>(g, sched, q, k, v, rpb, out, lse); break;
-    case ffi::DataType::BF16: e = run_forward<bf16_t>(g, sched, q, k, v, rpb, out, lse); break;
-    case ffi::DataType::F32: e = run_forward<float>(g, sched, q, k, v, rpb, out, lse); break;
-    default: e = run_forward<double>(g, sched, q, k, v, rpb, out, lse); break;
+    case ffi::DataType::F16: e = run_forward<f16_t>(g, sched, q, k, v, rpb, out, lse, seen); break;
+    case ffi::DataType::BF16: e = run_forward<bf16_t>(g, sched, q, k, v, rpb, out, lse, seen); break;
+    case ffi::DataType::F32: e = run_forward<float>(g, sched, q, k, v, rpb, out, lse, seen); break;
+    default: e = run_forward<double>(g, sched, q, k, v, rpb, out, lse, seen); break;
   }
   if (!e.empty()) return ffi::Error::Internal("natjax_na_fwd: " + e);
   return ffi::Error::Success();
@@ -346,6 +368,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NatjaxNaFwdCpu, natjax::NaForward,
                                   .Arg<ffi::AnyBuffer>()  // rpb
                                   .Ret<ffi::AnyBuffer>()  // out
                                   .Ret<ffi::AnyBuffer>()  // lse
+                                  .Ret<ffi::AnyBuffer>()  // seen
                                   .Attr<natjax::I64s>("lengths")
                                   .Attr<natjax::I64s>("dilation")
                                   .Attr<natjax::I64s>("rpb_dims")

@@ -24,6 +24,9 @@
 // (`Read::kInput`), exactly what the op's NaN/inf confinement (natjax/ops/na/nonfinite.py)
 // computes on its zero-substituted inputs, so the wrapper skips its substituted copy of q, k, v
 // for this backend and only adds its fix-up. The cotangent d_out is read as it is (`kExact`).
+// The forward also reports, per (batch, head), whether it read such an element (the unit's
+// query rows and key halo, `unit_reads_nonfinite`, or while packing on the strip path): the
+// wrapper's predicate for the fix-up, instead of a pass of its own over q, k and v.
 #pragma once
 
 #include <algorithm>
@@ -309,6 +312,45 @@ inline Unit decode_unit(const Geometry& g, int64_t unit) {
   g.tile_ranges(u.tile, u.qr);
   for (int a = 0; a < kAxes; ++a) u.kh[a] = g.key_halo(a, u.qr[a]);
   return u;
+}
+
+// Whether one of the n values at p is NaN or +-inf (an OR of compares: vectorises).
+template <typename T>
+inline bool any_nonfinite(const T* p, int64_t n) {
+  using F = decltype(to_float(p[0]));
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) bad |= !(std::fabs(to_float(p[i])) <= std::numeric_limits<F>::max());
+  return bad;
+}
+
+// Whether a row of `box` ([B, N, nheads, dim] layout, batch b) holds a non-finite element in
+// its `width` values from head `head0` on.
+template <typename T>
+bool box_reads_nonfinite(const Geometry& g, const T* src, int64_t b, int64_t nheads,
+                         int64_t head0, int64_t dim, int64_t width, const Range box[kAxes]) {
+  bool bad = false;
+  for (int64_t x0 = 0; x0 < box[0].count && !bad; ++x0)
+    for (int64_t x1 = 0; x1 < box[1].count; ++x1)
+      for (int64_t x2 = 0; x2 < box[2].count; ++x2) {
+        const int64_t flat = g.flat(box[0].start + g.axis[0].dilation * x0,
+                                    box[1].start + g.axis[1].dilation * x1,
+                                    box[2].start + g.axis[2].dilation * x2);
+        bad |= any_nonfinite(src + ((b * g.tokens + flat) * nheads + head0) * dim, width);
+      }
+  return bad;
+}
+
+// Whether a forward unit reads a non-finite q, k or v element: the rows of its queries (all
+// query heads of its kv head) or of its key halo (which holds every key its queries see).
+template <typename T, typename A>
+bool unit_reads_nonfinite(const Geometry& g, const FwdArgs<T, A>& args, const Unit& un) {
+  const int64_t group = g.group_size();
+  return box_reads_nonfinite(g, args.q, un.b, g.heads, un.kvh * group, g.head_dim,
+                             group * g.head_dim, un.qr) ||
+         box_reads_nonfinite(g, args.k, un.b, g.kv_heads, un.kvh, g.head_dim, g.head_dim,
+                             un.kh) ||
+         box_reads_nonfinite(g, args.v, un.b, g.kv_heads, un.kvh, g.value_dim, g.value_dim,
+                             un.kh);
 }
 
 template <typename T, typename A>

@@ -102,10 +102,16 @@ struct Lanes8 {
       r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
     }
   }
-  // x, or 0 where x is NaN or +-inf (Read::kInput).
-  static V finite(V x) {
+  // Lanes seen non-finite (finite() accumulates them; any() reads them).
+  using M = __m256;
+  static M no_bad() { return _mm256_setzero_ps(); }
+  static bool any(M m) { return _mm256_movemask_ps(m) != 0; }
+  // x, or 0 where x is NaN or +-inf (Read::kInput); such lanes are added to `bad`.
+  static V finite(V x, M& bad) {
     const V a = _mm256_andnot_ps(_mm256_set1_ps(-0.f), x);
-    return _mm256_and_ps(x, _mm256_cmp_ps(a, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ));
+    const V ok = _mm256_cmp_ps(a, _mm256_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
+    bad = _mm256_or_ps(bad, _mm256_andnot_ps(ok, _mm256_castsi256_ps(_mm256_set1_epi32(-1))));
+    return _mm256_and_ps(x, ok);
   }
 };
 
@@ -165,9 +171,13 @@ struct Lanes16 {
       r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
     }
   }
-  static V finite(V x) {
+  using M = __mmask16;
+  static M no_bad() { return 0; }
+  static bool any(M m) { return m != 0; }
+  static V finite(V x, M& bad) {
     const V a = _mm512_abs_ps(x);
     const __mmask16 ok = _mm512_cmp_ps_mask(a, _mm512_set1_ps(std::numeric_limits<float>::max()), _CMP_LE_OQ);
+    bad = static_cast<__mmask16>(bad | static_cast<__mmask16>(~ok));
     return _mm512_maskz_mov_ps(ok, x);
   }
 };
@@ -361,6 +371,7 @@ struct StripScratch {
   std::vector<float*> pk;  // per (key row, tile row): its logit row, or null (then zeros)
   std::vector<Strip> strips;
   std::vector<StripRow> rows;
+  bool nonfinite = false;  // the unit read a NaN/inf q, k or v element
 };
 
 inline StripScratch& strip_scratch() {
@@ -379,7 +390,7 @@ struct StripHalo {
 // lanes repeat the last real query.
 template <class L, typename T>
 inline void strip_load_q(const Geometry& g, const FwdArgs<T, float>& args, int64_t row0,
-                         int64_t step, int nl, float* qt) {
+                         int64_t step, int nl, float* qt, bool& nonfinite) {
   constexpr int N = L::N;
   const int64_t dim = g.head_dim;
   const float scale = static_cast<float>(g.scale);
@@ -387,17 +398,20 @@ inline void strip_load_q(const Geometry& g, const FwdArgs<T, float>& args, int64
   if constexpr (std::is_same_v<T, float>) {
     // N features of the N rows at a time, transposed in registers.
     const typename L::V sc = L::set1(scale);
+    typename L::M bad = L::no_bad();
     for (int64_t c0 = 0; c0 < dim; c0 += N) {
       const int64_t nc = std::min<int64_t>(N, dim - c0);
       typename L::V r[N];
       for (int i = 0; i < N; ++i)
-        r[i] = L::finite(L::load_n(q0 + std::min(i, nl - 1) * step * dim + c0, nc));
+        r[i] = L::finite(L::load_n(q0 + std::min(i, nl - 1) * step * dim + c0, nc), bad);
       L::transpose(r);
       for (int64_t c = 0; c < nc; ++c) L::storeu(qt + (c0 + c) * N, L::mul(r[c], sc));
     }
+    nonfinite |= L::any(bad);
   } else {
     for (int i = 0; i < N; ++i) {
       const T* q = q0 + std::min(i, nl - 1) * step * dim;
+      nonfinite |= any_nonfinite(q, dim);
       for (int64_t c = 0; c < dim; ++c) qt[c * N + i] = read_value<float>(q[c], Read::kInput) * scale;
     }
   }
@@ -439,10 +453,13 @@ inline void strip_finish(const Geometry& g, const FwdArgs<T, float>& args, int64
 // fifth of the strip forward's time on 56x56 maps).
 template <class L, typename T>
 const float* strip_pack(const Geometry& g, const T* src, int64_t b, int64_t head, int64_t nheads,
-                        int64_t dim, const Range box[kAxes], int64_t* ld, std::vector<float>& pack) {
+                        int64_t dim, const Range box[kAxes], int64_t* ld, std::vector<float>& pack,
+                        bool& nonfinite) {
   if constexpr (!std::is_same_v<T, float>) {
+    nonfinite |= box_reads_nonfinite(g, src, b, nheads, head, dim, dim, box);
     return box_transposed(g, src, b, head, nheads, dim, box, ld, pack);
   } else {
+    typename L::M bad = L::no_bad();
     constexpr int N = L::N;
     const int64_t vol = box_volume(box);
     int64_t l = pad_lanes(vol) + 16;
@@ -463,12 +480,13 @@ const float* strip_pack(const Geometry& g, const T* src, int64_t b, int64_t head
             const int64_t nc = std::min<int64_t>(N, dim - c0);
             typename L::V r[N];
             for (int i = 0; i < N; ++i)
-              r[i] = i < nu ? L::finite(L::load_n(row + (u0 + i) * step2 + c0, nc)) : L::zero();
+              r[i] = i < nu ? L::finite(L::load_n(row + (u0 + i) * step2 + c0, nc), bad) : L::zero();
             L::transpose(r);
             for (int64_t c = 0; c < nc; ++c) L::store_n(pack.data() + (c0 + c) * l + p + u0, r[c], nu);
           }
         }
       }
+    nonfinite |= L::any(bad);
     return pack.data();
   }
 }
@@ -481,7 +499,7 @@ void forward_strip(const Geometry& g, const FwdArgs<T, float>& args, const Strip
   constexpr int N = L::N;
   const int64_t dim = g.head_dim, vdim = g.value_dim, n = st.cmax;
   ss.qt.resize(dim * N);
-  strip_load_q<L, T>(g, args, st.row0, st.step, st.nl, ss.qt.data());
+  strip_load_q<L, T>(g, args, st.row0, st.step, st.nl, ss.qt.data(), ss.nonfinite);
   const Window& w = st.w;
   const int64_t nrows = w.rows();
   const int64_t per_chunk = std::max<int64_t>(1, kStripVecs / n);
@@ -574,7 +592,7 @@ void forward_strip_rows(const Geometry& g, const FwdArgs<T, float>& args, const 
   float* acc[R];
   for (int r = 0; r < R; ++r) {
     float* q = ss.qt.data() + r * dim * N;
-    strip_load_q<L, T>(g, args, row0[r], st.step, st.nl, q);
+    strip_load_q<L, T>(g, args, row0[r], st.step, st.nl, q, ss.nonfinite);
     qt[r] = q;
     sr[r] = ss.s.data() + r * maxrows * nvec;
     acc[r] = ss.acc.data() + r * vdim * N;
@@ -652,8 +670,9 @@ void forward_strip_rows(const Geometry& g, const FwdArgs<T, float>& args, const 
 }
 
 // The forward of one work unit by strips along the innermost axis.
+// Returns whether the unit read a non-finite q, k or v element.
 template <typename T>
-void forward_unit_strips(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un) {
+bool forward_unit_strips(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un) {
   using L = StripLanes;
   constexpr int N = L::N;
   StripScratch& ss = strip_scratch();
@@ -661,8 +680,11 @@ void forward_unit_strips(const Geometry& g, const FwdArgs<T, float>& args, const
   const Range* qr = un.qr;
   const Range* kh = un.kh;
   StripHalo hk;
-  hk.kt = strip_pack<L, T>(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &hk.ldk, ss.kt);
-  hk.vt = strip_pack<L, T>(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, &hk.ldv, ss.vt);
+  ss.nonfinite = false;
+  hk.kt = strip_pack<L, T>(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &hk.ldk, ss.kt,
+                           ss.nonfinite);
+  hk.vt = strip_pack<L, T>(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, &hk.ldv, ss.vt,
+                           ss.nonfinite);
   hk.n1 = kh[1].count;
   hk.n2 = kh[2].count;
   // The strips along the innermost axis: the same for every row and head of the tile.
@@ -750,17 +772,21 @@ void forward_unit_strips(const Geometry& g, const FwdArgs<T, float>& args, const
   }
   for (auto* buf : {&ss.kt, &ss.vt})
     if (buf->capacity() * sizeof(float) > (size_t{8} << 20)) std::vector<float>().swap(*buf);
+  return ss.nonfinite;
 }
 
 // The float32 forward of one work unit on AVX2: shared-window tiles by shared_fwd.h, tiles of
 // several rows by strips, 1-D tiles by block_fwd.h. The choice depends on shapes only (deterministic results).
+// Returns whether the unit read a non-finite q, k or v element.
 template <typename T>
-void forward_unit_avx2(const Geometry& g, const FwdArgs<T, float>& args, int64_t unit) {
+bool forward_unit_avx2(const Geometry& g, const FwdArgs<T, float>& args, int64_t unit) {
   const Unit un = decode_unit(g, unit);
   const int64_t nk = box_volume(un.kh);
   if (nk <= kSharedMaxKeys && nk * g.head_dim * int64_t{sizeof(float)} <= kBlockHaloBytes &&
-      tile_shares_window(g, un))
-    return forward_unit_shared<T>(g, args, un);
+      tile_shares_window(g, un)) {
+    forward_unit_shared<T>(g, args, un);
+    return unit_reads_nonfinite(g, args, un);
+  }
   // Strips need tile rows to share key loads (forward_strip_rows): measured 1.3-1.9x the
   // per-query/blocked kernels on 2-D and 3-D tiles, 0.9x on 1-D maps (ffi/bench/fwd_kernels.cc).
   // -DNATJAX_FFI_NO_STRIPS builds the previous choice, for benchmarks against it.
@@ -768,6 +794,7 @@ void forward_unit_avx2(const Geometry& g, const FwdArgs<T, float>& args, int64_t
   if (un.qr[1].count >= 2) return forward_unit_strips<T>(g, args, un);
 #endif
   forward_unit_blocked<T>(g, args, un);
+  return unit_reads_nonfinite(g, args, un);
 }
 
 #endif  // NATJAX_AVX2

@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from natjax.ops.na.nonfinite import reads_nonfinite_as_zero, zero_nonfinite
+from natjax.ops.na.nonfinite import any_nonfinite, reports_nonfinite, zero_nonfinite
 from natjax.ops.na.partition import batch_head_parallel, match_sharding
 from natjax.ops.na.spec import NACall, NAParams, axis_windows
 from natjax.ops.na.vjp import na_custom_vjp
@@ -362,13 +362,27 @@ def _accum(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype) == jnp.float64 else jnp.dtype(jnp.float32)
 
 
+def _kernels_report_nonfinite() -> bool:
+    """Whether the forward handler returns `seen` (natjax-ffi >= 0.3, "reports_nonfinite")."""
+    return "reports_nonfinite" in _features()
+
+
 def _rows_forward(geo: FFIGeometry, q, k, v, rpb):
+    """`(out, lse, seen)`: seen `[B, heads]` int32, nonzero where (b, h) read a NaN/inf."""
     b, n, h, _ = q.shape
-    out_types = (
+    out_types = [
         jax.ShapeDtypeStruct((b, n, h, v.shape[-1]), q.dtype),
         jax.ShapeDtypeStruct((b, n, h), _accum(q.dtype)),
-    )
-    return jax.ffi.ffi_call(_FWD, out_types)(q, k, v, rpb, **_attributes(geo, False))
+    ]
+    reports = _kernels_report_nonfinite()
+    if reports:
+        out_types.append(jax.ShapeDtypeStruct((b, h), jnp.int32))
+    outs = jax.ffi.ffi_call(_FWD, tuple(out_types))(q, k, v, rpb, **_attributes(geo, False))
+    if reports:
+        return outs
+    # Older library: this shard's own finiteness check.
+    seen = jnp.broadcast_to(any_nonfinite(q, k, v).astype(jnp.int32), (b, h))
+    return (*outs, seen)
 
 
 def _rows_backward(geo: FFIGeometry, q, k, v, rpb, out, d_out, lse, d_lse):
@@ -396,10 +410,11 @@ def _rpb_operand(rpb, heads: int, dtype):
 
 
 def _na_forward(geo: FFIGeometry, q, k, v, rpb):
-    op = batch_head_parallel(_rows_forward, geo, ("x", "kv", "kvv", "rpb"), ("xv", "row"))
+    """`(out, lse, seen)`; seen `[batch, heads]` int32 (not differentiated)."""
+    op = batch_head_parallel(_rows_forward, geo, ("x", "kv", "kvv", "rpb"), ("xv", "row", "flag"))
     heads = q.shape[-2]
-    out, lse = op(_rows(q), _rows(k), _rows(v), _rpb_operand(rpb, heads, _accum(q.dtype)))
-    return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1])
+    out, lse, seen = op(_rows(q), _rows(k), _rows(v), _rpb_operand(rpb, heads, _accum(q.dtype)))
+    return out.reshape(*q.shape[:-1], v.shape[-1]), lse.reshape(q.shape[:-1]), seen
 
 
 def _na_backward(geo: FFIGeometry, res, cts):
@@ -472,15 +487,38 @@ def unsupported_reason(call: NACall) -> str | None:
     return None
 
 
-@reads_nonfinite_as_zero
+def na_ffi_reporting(q, k, v, rpb, params: NAParams):
+    """`na_ffi` that also says whether the kernels read a NaN/inf input entry.
+
+    Args and Raises as `na_ffi`.
+
+    Returns:
+      (out, lse, seen): `out` and `lse` as `na_ffi`; `seen` a boolean scalar, True when some
+      query row or some key/value row of a neighborhood holds a NaN/inf (what
+      `nonfinite.confine_nonfinite` needs to know; the kernels record it while loading).
+    """
+    reason = unsupported_reason(NACall.of(q, k, v, rpb, params))
+    if reason is not None:
+        raise ValueError(f"implementation='ffi' cannot run this call: {reason}.")
+    geo = make_geometry(q.shape, k.shape, v.shape, q.dtype, params, rpb is not None)
+    raw_seen = None
+    if not _kernels_read_nonfinite_as_zero():
+        raw_seen = any_nonfinite(q, k, v)
+        q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
+    out, lse, seen = _na(geo, q, k, v, rpb)
+    return out, lse, jnp.any(seen != 0) if raw_seen is None else raw_seen
+
+
+@reports_nonfinite(na_ffi_reporting)
 def na_ffi(q, k, v, rpb, params: NAParams):
     """Neighborhood attention with the native CPU kernels (`natjax-ffi`).
 
     Every NaN/inf entry of `q`, `k` and `v` is read as 0 (forward and backward; the
     substitution's derivative is the identity), which is what the op's NaN/inf confinement
     (`nonfinite.py`) runs its backends on: it passes this backend the raw inputs. The kernels
-    do it while loading, without a copy; a library older than natjax-ffi 0.2 gets a
-    zero-substituted copy instead.
+    do it while loading, without a copy, and record whether they met one
+    (`na_ffi_reporting`, which the confinement calls); a library older than natjax-ffi 0.2
+    gets a zero-substituted copy instead.
 
     Args:
       q: `[batch, *spatial, heads, head_dim]`; k: `[batch, *spatial, kv_heads, head_dim]`;
@@ -496,10 +534,5 @@ def na_ffi(q, k, v, rpb, params: NAParams):
     Raises:
       ValueError: if natjax-ffi is not installed or `unsupported_reason` rejects the call.
     """
-    reason = unsupported_reason(NACall.of(q, k, v, rpb, params))
-    if reason is not None:
-        raise ValueError(f"implementation='ffi' cannot run this call: {reason}.")
-    geo = make_geometry(q.shape, k.shape, v.shape, q.dtype, params, rpb is not None)
-    if not _kernels_read_nonfinite_as_zero():
-        q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
-    return _na(geo, q, k, v, rpb)
+    out, lse, _ = na_ffi_reporting(q, k, v, rpb, params)
+    return out, lse

@@ -16,7 +16,9 @@ bands or (dense) whole images NaN, and each backend spreads it differently.
     wrapper passes it the raw inputs and no substituted copy is made;
   * a fix-up then adds what NATTEN makes non-finite, computed in a ``lax.cond`` only when some
     entry of `q`, `k` or `v` is non-finite (branch 1, under the name scope `CONFINED_SCOPE`,
-    which `experiments/hbm_aot.py` counts apart); for finite inputs branch 0 returns zeros. The
+    which `experiments/hbm_aot.py` counts apart); for finite inputs branch 0 passes the results
+    through. A backend marked `reports_nonfinite` also says whether it read a non-finite entry,
+    which is then the predicate (no pass of its own over `q`, `k`, `v`). The
     neighborhood sets come from `spec.axis_windows` (`in_neighborhood`), never from a second
     attention call. Under `jax.vmap` the predicate is batched and the cond becomes a select:
     the fix-up is then computed for every call. The rules:
@@ -80,6 +82,38 @@ def reads_nonfinite_as_zero(fn: Callable) -> Callable:
     """
     setattr(fn, _READS_NONFINITE_AS_ZERO, True)
     return fn
+
+
+# Attribute of a backend pointing at its variant that also reports what it read (see below).
+_REPORTS_NONFINITE = "natjax_reports_nonfinite"
+
+
+def reports_nonfinite(flagged: Callable) -> Callable[[Callable], Callable]:
+    """Marks a backend `fn(q, k, v, rpb, params) -> (out, lse)` that reads NaN/inf as 0 itself
+    (like `reads_nonfinite_as_zero`) and has a variant `flagged(q, k, v, rpb, params) -> (out,
+    lse, seen)` whose `seen` (a boolean scalar) is True whenever a query token or a key/value
+    token inside some neighborhood has a non-finite entry (it may also be True otherwise: the
+    fix-up is exact either way). `confine_nonfinite` then calls `flagged` and needs no pass of
+    its own over `q`, `k`, `v`.
+
+    Args:
+      flagged: the reporting variant.
+
+    Returns:
+      A decorator marking `fn`.
+    """
+
+    def mark(fn: Callable) -> Callable:
+        setattr(fn, _READS_NONFINITE_AS_ZERO, True)
+        setattr(fn, _REPORTS_NONFINITE, flagged)
+        return fn
+
+    return mark
+
+
+def any_nonfinite(q, k, v):
+    """Whether some entry of `q`, `k` or `v` is NaN or +-inf (a scalar boolean)."""
+    return ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)) & jnp.all(jnp.isfinite(v)))
 
 
 def with_zeroed_inputs(fn: Callable) -> Callable:
@@ -178,16 +212,6 @@ def _fixes(params: NAParams, q, k, v, out_dtype, lse_dtype):
     return fix, jnp.where(bad_row, jnp.nan, 0.0).astype(lse_dtype)
 
 
-def _zeros_like_out(q, v, out):
-    """Zeros of `out`'s shape, derived from an operand so that they keep its sharding: `v` when
-    shaped like the output, else `q` (GQA: fewer kv heads), broadcast over a value_dim of its own.
-    """
-    for x in (v, q):
-        if x.shape == out.shape:
-            return jnp.zeros_like(x, out.dtype)
-    return jnp.broadcast_to(jnp.zeros_like(q[..., :1], out.dtype), out.shape)
-
-
 def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     """Runs a backend with NATTEN's confinement of NaN/inf inputs.
 
@@ -195,9 +219,10 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     first reads of the XLA backends; a custom call would read a substituted copy, so the `ffi`
     kernels do the substitution while loading and are marked `reads_nonfinite_as_zero`). Only the
     fix-up sits in a `lax.cond`, outside differentiation (`stop_gradient`): for finite inputs it
-    costs the finiteness check of `q`, `k`, `v` and one zero `[batch, *spatial, heads, head_dim]`
-    array; the attention itself is not inside a conditional, so XLA still shares work between
-    the forward and the backward (measured with `experiments/hbm_aot.py`).
+    costs the finiteness check of `q`, `k`, `v` (none for a backend marked `reports_nonfinite`,
+    whose kernels report what they read), and `out`, `lse` pass through the other branch
+    without a copy; the attention itself is not inside a conditional, so XLA still shares work
+    between the forward and the backward (measured with `experiments/hbm_aot.py`).
 
     Args:
       fn: the backend, `fn(q, k, v, rpb, params) -> (out, lse)`.
@@ -208,20 +233,26 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     Returns:
       `(out, lse)` as `fn` returns them; identical to `fn` when all of `q`, `k`, `v` are finite.
     """
-    if getattr(fn, _READS_NONFINITE_AS_ZERO, False):
-        out, lse = fn(q, k, v, rpb, params)
+    flagged = getattr(fn, _REPORTS_NONFINITE, None)
+    if flagged is not None:
+        # The kernels say whether they read a non-finite entry: no separate pass over q, k, v.
+        out, lse, nonfinite = flagged(q, k, v, rpb, params)
     else:
-        out, lse = fn(zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), rpb, params)
-    nonfinite = ~(jnp.all(jnp.isfinite(q)) & jnp.all(jnp.isfinite(k)) & jnp.all(jnp.isfinite(v)))
+        if getattr(fn, _READS_NONFINITE_AS_ZERO, False):
+            out, lse = fn(q, k, v, rpb, params)
+        else:
+            out, lse = fn(zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), rpb, params)
+        nonfinite = any_nonfinite(q, k, v)
     sg = jax.lax.stop_gradient
-    # Branch 1 (True) computes the fix-up (named CONFINED_SCOPE); branch 0 adds nothing.
-    fix, lse_fix = jax.lax.cond(
-        nonfinite,
-        lambda q, k, v: _fixes(params, q, k, v, out.dtype, lse.dtype),
-        # zeros_like keeps the operands' sharding (explicit meshes type it): same as branch 1.
-        lambda q, k, v: (_zeros_like_out(q, v, out), jnp.zeros_like(q[..., 0], lse.dtype)),
-        sg(q), sg(k), sg(v),
-    )  # fmt: skip
-    # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite); the cotangent
-    # of every output passes to the zero-substituted computation unchanged.
-    return out + fix, lse + lse_fix
+
+    def confined(q, k, v, out, lse):
+        # out + fix is out where fix == 0 and fix where it is inf/NaN (out is finite).
+        fix, lse_fix = _fixes(params, q, k, v, out.dtype, lse.dtype)
+        return out + fix, lse + lse_fix
+
+    # Branch 0 passes `out` and `lse` through (XLA aliases them: no copy, no zeros to add);
+    # either way the cotangent of every output reaches the zero-substituted computation
+    # unchanged (the fix-up's inputs are stop_gradient).
+    return jax.lax.cond(
+        nonfinite, confined, lambda q, k, v, out, lse: (out, lse), sg(q), sg(k), sg(v), out, lse
+    )

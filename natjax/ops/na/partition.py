@@ -15,7 +15,8 @@ Array kinds (the op's operands/results):
   * ``"kv"``: `[B, N, hk, D]` and ``"kvv"``: `[B, N, hk, Dv]`, key/value with `hk` kv heads
     (GQA/MQA: query head `i` reads kv head `i // (h // hk)`);
   * ``"row"``: `[B, N, h]`; ``"rpb"``: `[h, R]`;
-  * ``"drpb"``: `[B, h, O, X]` (per-batch bias-gradient partials, reduced by the caller).
+  * ``"drpb"``: `[B, h, O, X]` (per-batch bias-gradient partials, reduced by the caller);
+  * ``"flag"``: `[B, h]` (one value per batch entry and head, e.g. what a kernel saw).
 
 Heads and kv heads are sharded over the same mesh axes: a shard of `h / m` query heads then holds
 exactly the `hk / m` kv heads they read (contiguous blocks), and `op` sees the same group size.
@@ -35,10 +36,10 @@ from jax.sharding import PartitionSpec as P
 
 _FACTORS = {
     "x": "b n h d", "xv": "b n h e", "kv": "b n k d", "kvv": "b n k e", "row": "b n h",
-    "rpb": "h r", "drpb": "b h o u",
+    "rpb": "h r", "drpb": "b h o u", "flag": "b h",
 }  # fmt: skip
 _REPLICATED = ("n", "d", "e", "r", "o", "u")
-_HEAD_AXIS = {"x": 2, "xv": 2, "kv": 2, "kvv": 2, "row": 2, "rpb": 0, "drpb": 1}
+_HEAD_AXIS = {"x": 2, "xv": 2, "kv": 2, "kvv": 2, "row": 2, "rpb": 0, "drpb": 1, "flag": 1}
 
 
 def _spec(kind: str, batch, head) -> P:
@@ -50,6 +51,7 @@ def _spec(kind: str, batch, head) -> P:
         "row": P(batch, None, head),
         "rpb": P(head, None),
         "drpb": P(batch, head, None, None),
+        "flag": P(batch, head),
     }[kind]
 
 

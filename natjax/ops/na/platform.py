@@ -30,7 +30,7 @@ import jax
 
 from natjax.ops.na import xla as band
 from natjax.ops.na import xla_tiled
-from natjax.ops.na.nonfinite import reads_nonfinite_as_zero, with_zeroed_inputs
+from natjax.ops.na.nonfinite import any_nonfinite, reports_nonfinite, with_zeroed_inputs
 from natjax.ops.na.spec import NACall, NAParams
 from natjax.ops.na.vjp import na_custom_vjp
 
@@ -151,33 +151,57 @@ def _pallas_or_tiled(call: NACall):
     return functools.partial(xla_tiled.na_xla_tiled, params=params)
 
 
-@reads_nonfinite_as_zero
-def na_default(q, k, v, rpb, params: NAParams):
-    """`implementation=None`: the fastest implementation of the lowering platform.
+def _checked(fn):
+    """A branch without in-kernel substitution: run on zero-substituted inputs, and report
+    whether the inputs held a NaN/inf (the check `confine_nonfinite` makes for other backends)."""
 
-    NaN/inf inputs: read as 0 (what `nonfinite.confine_nonfinite` asks of a marked backend) by
-    the native kernels on CPU, by a zero substitution in front of every other branch, which is
-    then the only one that pays for it.
+    def run(q, k, v, rpb):
+        out, lse = with_zeroed_inputs(fn)(q, k, v, rpb)
+        return out, lse, any_nonfinite(q, k, v)
 
-    Args and Returns as `na_xla`.
+    return run
+
+
+def na_default_reporting(q, k, v, rpb, params: NAParams):
+    """`na_default`, plus whether a NaN/inf was read (`nonfinite.reports_nonfinite`): from the
+    native kernels on CPU, from a finiteness check in every other branch.
+
+    Args as `na_xla`.
+
+    Returns:
+      (out, lse, seen), `seen` a boolean scalar.
     """
     from natjax.ops.na.reference import na_reference
 
     call = NACall.of(q, k, v, rpb, params)
     choice = cpu_choice(call)
     if choice == "ffi":
-        from natjax.ops.na.ffi import na_ffi
+        from natjax.ops.na.ffi import na_ffi_reporting
 
-        cpu = functools.partial(na_ffi, params=params)
+        cpu = functools.partial(na_ffi_reporting, params=params)
     elif choice == "reference":
-        cpu = functools.partial(na_reference, params=params)
+        cpu = _checked(functools.partial(na_reference, params=params))
     elif choice == "xla":
-        cpu = functools.partial(band.na_xla, params=params)
+        cpu = _checked(functools.partial(band.na_xla, params=params))
     else:
-        cpu = functools.partial(xla_tiled.na_xla_tiled, params=params)
+        cpu = _checked(functools.partial(xla_tiled.na_xla_tiled, params=params))
     return jax.lax.platform_dependent(
         q, k, v, rpb,
-        cpu=cpu if choice == "ffi" else with_zeroed_inputs(cpu),
-        cuda=with_zeroed_inputs(_pallas_or_tiled(call)),
-        default=with_zeroed_inputs(functools.partial(xla_tiled.na_xla_tiled, params=params)),
+        cpu=cpu,
+        cuda=_checked(_pallas_or_tiled(call)),
+        default=_checked(functools.partial(xla_tiled.na_xla_tiled, params=params)),
     )  # fmt: skip
+
+
+@reports_nonfinite(na_default_reporting)
+def na_default(q, k, v, rpb, params: NAParams):
+    """`implementation=None`: the fastest implementation of the lowering platform.
+
+    NaN/inf inputs: read as 0 (what `nonfinite.confine_nonfinite` asks of a marked backend) by
+    the native kernels on CPU, by a zero substitution in front of every other branch, which is
+    then the only one that pays for it (`na_default_reporting` also says whether one was read).
+
+    Args and Returns as `na_xla`.
+    """
+    out, lse, _ = na_default_reporting(q, k, v, rpb, params)
+    return out, lse

@@ -5,7 +5,8 @@ A backend supplies a forward `(static, q, k, v, rpb) -> (out, lse)` and a backwa
 `jax.custom_vjp` whose residuals are exactly `(q, k, v, rpb, out, lse)`, as in FlashAttention-2:
 the attention weights are never saved, the backward recomputes them from `lse`. `static` is the
 backend's hashable description of the call (window arguments, tile geometry); it is not
-differentiated. `rpb` may be None, and then `drpb` must be None too.
+differentiated. `rpb` may be None, and then `drpb` must be None too. A forward may return
+non-differentiable extras after `(out, lse)` (e.g. integer flags); their cotangents are dropped.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def na_custom_vjp(forward: Forward, backward: Backward, primal: Forward | None =
     """Builds `op(static, q, k, v, rpb) -> (out, lse)` with the shared residual contract.
 
     Args:
-      forward: `forward(static, q, k, v, rpb) -> (out, lse)`, the forward of differentiated calls
-        (its `out` and `lse` are the residuals).
+      forward: `forward(static, q, k, v, rpb) -> (out, lse, *extras)`, the forward of
+        differentiated calls (its `out` and `lse` are the residuals; `extras`, if any, are not
+        differentiated).
       primal: optionally a forward used when the call is not differentiated (inference), with the
         same results up to rounding; e.g. one that XLA fuses better when `lse` is not needed.
       backward: `backward(static, (q, k, v, rpb, out, lse), (d_out, d_lse))` returning
@@ -40,8 +42,11 @@ def na_custom_vjp(forward: Forward, backward: Backward, primal: Forward | None =
         return (primal or forward)(static, q, k, v, rpb)
 
     def op_fwd(static, q, k, v, rpb):
-        out, lse = forward(static, q, k, v, rpb)
-        return (out, lse), (q, k, v, rpb, out, lse)
+        outs = forward(static, q, k, v, rpb)
+        return outs, (q, k, v, rpb, *outs[:2])
 
-    op.defvjp(op_fwd, backward)
+    def op_bwd(static, res, cts):
+        return backward(static, res, tuple(cts[:2]))
+
+    op.defvjp(op_fwd, op_bwd)
     return op
