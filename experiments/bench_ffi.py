@@ -71,13 +71,16 @@ def _time_once(fn, args) -> float:
 
 
 def _interleaved_medians(fns: dict, args, repeats: int) -> dict[str, float]:
-    """Median seconds per function; each round runs every function once (after a warm-up)."""
+    """Median seconds per function; each round runs every function once (after a warm-up), in
+    an order rotated by one per round: a function that runs right after another's allocations
+    (fresh pages) or after an idle gap (cold caches) is not always the same one."""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(_time_once(fn, args))
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_time_once(fns[name], args))
     return {name: float(np.median(t)) for name, t in times.items()}
 
 

@@ -5,7 +5,8 @@
 //   /tmp/fwd_kernels [B H L0 L1 L2 D K dilation repeats [kernel]]   (default: NAT-Tiny stage 1, batch 8)
 //
 // Prints the median time per call of each kernel over all work units, its GFLOP/s (useful
-// arithmetic: 4 * queries * window * head_dim) and the max |difference| to the per-query kernel.
+// arithmetic: 4 * queries * window * head_dim) and the max |difference| to the per-query kernel
+// over out and lse.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -89,16 +90,19 @@ int main(int argc, char** argv) {
   int64_t win = 1;
   for (int a = 0; a < 3; ++a) win *= g.axis[a].max_window;
   const double flop = 4.0 * B * g.tokens * H * win * D;
-  std::vector<float> ref;
+  std::vector<float> ref, ref_lse;
   const char* only = argc > 10 ? argv[10] : nullptr;  // run one kernel (for perf stat)
   auto run = [&](const char* name, auto&& unit_fn) {
     if (only && std::string(only) != name) return;
     const double ms = time_ms([&] { for (int64_t u = 0; u < units; ++u) unit_fn(decode_unit(g, u)); }, repeats);
     double err = 0;
-    if (ref.empty()) ref = out;
+    if (ref.empty()) ref = out, ref_lse = lse;
     for (int64_t i = 0; i < n; ++i) err = std::max(err, double(std::fabs(out[i] - ref[i])));
+    for (size_t i = 0; i < lse.size(); ++i)
+      err = std::max(err, double(std::fabs(lse[i] - ref_lse[i])));
     std::printf("%-10s %8.2f ms  %6.1f GFLOP/s  max|diff| %.2e\n", name, ms, flop / ms * 1e-6, err);
     std::fill(out.begin(), out.end(), 0.f);
+    std::fill(lse.begin(), lse.end(), 0.f);
   };
   std::printf("B=%lld H=%lld L=%lldx%lldx%lld D=%lld K=%lld dilation=%lld: %lld units, 1 thread\n",
               (long long)B, (long long)H, (long long)Ls[0], (long long)Ls[1], (long long)Ls[2],
