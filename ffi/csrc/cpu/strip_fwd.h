@@ -51,6 +51,17 @@ namespace natjax {
 
 #if NATJAX_AVX2
 
+// log(m) for m in [0.75, 1.5) on the lanes of L (L::log_ge1): 2 atanh(s), s = (m - 1) / (m + 1),
+// |s| <= 0.2, to s^11 (truncation < 1e-9 relative: float32 rounding dominates).
+template <class L>
+inline typename L::V log_mantissa(typename L::V m) {
+  const typename L::V s = L::div(L::sub(m, L::set1(1.f)), L::add(m, L::set1(1.f)));
+  const typename L::V s2 = L::mul(s, s);
+  typename L::V p = L::set1(1.f / 11);
+  for (float c : {1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3, 1.f}) p = L::fma(p, s2, L::set1(c));
+  return L::mul(L::add(s, s), p);
+}
+
 // 8 float32 lanes (AVX2 + FMA).
 struct Lanes8 {
   using V = __m256;
@@ -75,19 +86,6 @@ struct Lanes8 {
   }
   static V exp(V x) { return exp256(x); }
   static V div(V a, V b) { return _mm256_div_ps(a, b); }
-  // log(m) for m in [0.75, 1.5): 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.2, to s^11
-  // (truncation < 1e-9 relative: float32 rounding dominates).
-  static V log_mant(V m) {
-    const V s = div(sub(m, set1(1.f)), add(m, set1(1.f)));
-    const V s2 = mul(s, s);
-    V p = set1(1.f / 11);
-    p = fma(p, s2, set1(1.f / 9));
-    p = fma(p, s2, set1(1.f / 7));
-    p = fma(p, s2, set1(1.f / 5));
-    p = fma(p, s2, set1(1.f / 3));
-    p = fma(p, s2, set1(1.f));
-    return mul(add(s, s), p);
-  }
   // log(x) for finite x >= 1 (softmax denominators: a sum of exps, one of them exp(0)).
   static V log_ge1(V x) {
     const __m256i xi = _mm256_castps_si256(x);
@@ -97,7 +95,7 @@ struct Lanes8 {
     const V big = _mm256_cmp_ps(m, set1(1.5f), _CMP_GE_OQ);  // -> [0.75, 1), one more power
     m = _mm256_blendv_ps(m, mul(m, set1(0.5f)), big);
     e = _mm256_sub_epi32(e, _mm256_castps_si256(big));  // big lanes are -1 as integers
-    return fma(_mm256_cvtepi32_ps(e), set1(0.69314718056f), log_mant(m));
+    return fma(_mm256_cvtepi32_ps(e), set1(0.69314718056f), log_mantissa<Lanes8>(m));
   }
   // First n (< N) elements from p, zeros after; and the store of the first n.
   static V load_n(const float* p, int64_t n) {
@@ -164,24 +162,11 @@ struct Lanes16 {
   }
   static V exp(V x) { return exp512(x); }
   static V div(V a, V b) { return _mm512_div_ps(a, b); }
-  // log(m) for m in [0.75, 1.5): 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.2, to s^11
-  // (truncation < 1e-9 relative: float32 rounding dominates).
-  static V log_mant(V m) {
-    const V s = div(sub(m, set1(1.f)), add(m, set1(1.f)));
-    const V s2 = mul(s, s);
-    V p = set1(1.f / 11);
-    p = fma(p, s2, set1(1.f / 9));
-    p = fma(p, s2, set1(1.f / 7));
-    p = fma(p, s2, set1(1.f / 5));
-    p = fma(p, s2, set1(1.f / 3));
-    p = fma(p, s2, set1(1.f));
-    return mul(add(s, s), p);
-  }
   static V log_ge1(V x) {
     // x = m * 2^e with m in [0.75, 1.5): e = floor(log2(x * 4/3)).
     const V e = _mm512_maskz_getexp_ps(0xFFFF, _mm512_mul_ps(x, set1(4.f / 3)));
     const V m = _mm512_maskz_scalef_ps(0xFFFF, x, _mm512_sub_ps(zero(), e));  // maskz: no undefined inputs (GCC 12 -Wuninitialized)
-    return fma(e, set1(0.69314718056f), log_mant(m));
+    return fma(e, set1(0.69314718056f), log_mantissa<Lanes16>(m));
   }
   static V load_n(const float* p, int64_t n) {
     return n >= N ? loadu(p) : _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
@@ -469,8 +454,8 @@ inline void strip_finish(const Geometry& g, const FwdArgs<T, float>& args, int64
                          typename L::V l) {
   constexpr int N = L::N;
   const int64_t vdim = g.value_dim;
-  alignas(64) float ml[N], ll[N];
-  L::storeu(ml, L::add(m, L::log_ge1(l)));  // the lse
+  alignas(64) float lse[N], ll[N];
+  L::storeu(lse, L::add(m, L::log_ge1(l)));
   L::storeu(ll, l);
   T* out0 = args.out + row0 * vdim;
   if constexpr (std::is_same_v<T, float>) {
@@ -489,7 +474,7 @@ inline void strip_finish(const Geometry& g, const FwdArgs<T, float>& args, int64
       for (int64_t c = 0; c < vdim; ++c) out[c] = from_float<T>(acc[c * N + i] * inv);
     }
   }
-  for (int i = 0; i < nl; ++i) args.lse[row0 + i * step] = ml[i];
+  for (int i = 0; i < nl; ++i) args.lse[row0 + i * step] = lse[i];
 }
 
 // The keys (or values) of the halo `box`, transposed like box_transposed (block_fwd.h): feature

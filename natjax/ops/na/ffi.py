@@ -374,15 +374,11 @@ def _rows_forward(geo: FFIGeometry, q, k, v, rpb):
         jax.ShapeDtypeStruct((b, n, h, v.shape[-1]), q.dtype),
         jax.ShapeDtypeStruct((b, n, h), _accum(q.dtype)),
     ]
-    reports = _kernels_report_nonfinite()
-    if reports:
-        out_types.append(jax.ShapeDtypeStruct((b, h), jnp.int32))
-    outs = jax.ffi.ffi_call(_FWD, tuple(out_types))(q, k, v, rpb, **_attributes(geo, False))
-    if reports:
-        return outs
-    # Older library: this shard's own finiteness check.
-    seen = jnp.broadcast_to(any_nonfinite(q, k, v).astype(jnp.int32), (b, h))
-    return (*outs, seen)
+    if not _kernels_report_nonfinite():  # older library: na_ffi_reporting checks the inputs
+        outs = jax.ffi.ffi_call(_FWD, tuple(out_types))(q, k, v, rpb, **_attributes(geo, False))
+        return (*outs, jnp.zeros((b, h), jnp.int32))
+    out_types.append(jax.ShapeDtypeStruct((b, h), jnp.int32))
+    return jax.ffi.ffi_call(_FWD, tuple(out_types))(q, k, v, rpb, **_attributes(geo, False))
 
 
 def _rows_backward(geo: FFIGeometry, q, k, v, rpb, out, d_out, lse, d_lse):
@@ -501,12 +497,13 @@ def na_ffi_reporting(q, k, v, rpb, params: NAParams):
     if reason is not None:
         raise ValueError(f"implementation='ffi' cannot run this call: {reason}.")
     geo = make_geometry(q.shape, k.shape, v.shape, q.dtype, params, rpb is not None)
-    raw_seen = None
-    if not _kernels_read_nonfinite_as_zero():
-        raw_seen = any_nonfinite(q, k, v)
-        q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
+    if not _kernels_report_nonfinite():  # natjax-ffi < 0.3: check the raw inputs here
+        seen = any_nonfinite(q, k, v)
+        if not _kernels_read_nonfinite_as_zero():
+            q, k, v = zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v)
+        return (*_na(geo, q, k, v, rpb)[:2], seen)
     out, lse, seen = _na(geo, q, k, v, rpb)
-    return out, lse, jnp.any(seen != 0) if raw_seen is None else raw_seen
+    return out, lse, jnp.any(seen != 0)
 
 
 @reports_nonfinite(na_ffi_reporting)

@@ -237,11 +237,11 @@ def confine_nonfinite(fn: Callable, q, k, v, rpb, params: NAParams):
     if flagged is not None:
         # The kernels say whether they read a non-finite entry: no separate pass over q, k, v.
         out, lse, nonfinite = flagged(q, k, v, rpb, params)
+    elif getattr(fn, _READS_NONFINITE_AS_ZERO, False):
+        out, lse = fn(q, k, v, rpb, params)
+        nonfinite = any_nonfinite(q, k, v)
     else:
-        if getattr(fn, _READS_NONFINITE_AS_ZERO, False):
-            out, lse = fn(q, k, v, rpb, params)
-        else:
-            out, lse = fn(zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), rpb, params)
+        out, lse = fn(zero_nonfinite(q), zero_nonfinite(k), zero_nonfinite(v), rpb, params)
         nonfinite = any_nonfinite(q, k, v)
     sg = jax.lax.stop_gradient
 
