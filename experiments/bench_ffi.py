@@ -12,7 +12,8 @@ One run measures, side by side:
     is still within ~10x of xla), on NAT-Tiny's four stage shapes, a
     DiNAT-like dilated map, 1-D and 3-D cases and small maps (the dispatch question). Repeats are
     interleaved across implementations (each round times every implementation once), so a
-    change of machine load hits them alike; medians are reported, with the ratios
+    change of machine load hits them alike, and fast cases get more rounds (`--min-seconds`);
+    medians are reported, with the ratios
     xla / ffi and best(xla, dense) / ffi, and ffi's achieved GFLOP/s: useful arithmetic over
     the neighborhoods (forward `2*(D + Dv)` flops per query-key pair, backward
     `6*D + 4*Dv`: recompute q.k, dO.v, and dq, dk, dv) against the matmul rate;
@@ -70,15 +71,22 @@ def _time_once(fn, args) -> float:
     return time.perf_counter() - t0
 
 
-def _interleaved_medians(fns: dict, args, repeats: int) -> dict[str, float]:
+def _interleaved_medians(
+    fns: dict, args, repeats: int, min_seconds: float = 0.0
+) -> dict[str, float]:
     """Median seconds per function; each round runs every function once (after a warm-up), in
     an order rotated by one per round: a function that runs right after another's allocations
-    (fresh pages) or after an idle gap (cold caches) is not always the same one."""
+    (fresh pages) or after an idle gap (cold caches) is not always the same one. At least
+    `repeats` rounds, more (up to 1000) until the rounds take `min_seconds`: sub-millisecond
+    calls on 2 threads have a bimodal spread (thread wake-ups), which a few rounds do not
+    sample."""
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
     times = {name: [] for name in fns}
     names = list(fns)
-    for r in range(repeats):
+    per_round = max(sum(_time_once(fn, args) for fn in fns.values()), 1e-6)
+    rounds = max(repeats, min(1000, math.ceil(min_seconds / per_round)))
+    for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(_time_once(fns[name], args))
     return {name: float(np.median(t)) for name, t in times.items()}
@@ -126,7 +134,7 @@ def bench_na(args, peak: float) -> list[dict]:
         row = dict(case=name, batch=args.batch)
         for what, idx in (("fwd", 0), ("fwd+bwd", 1)):
             med = _interleaved_medians({i: f[idx] for i, f in fns.items()}, (q, k, v, rpb),
-                                       args.repeats)  # fmt: skip
+                                       args.repeats, args.min_seconds)  # fmt: skip
             for impl, sec in med.items():
                 row[f"{impl}_{what}_ms"] = sec * 1e3
         pairs = args.batch * heads * _pairs(spatial, kernel, dilation)
@@ -198,6 +206,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument(
+        "--min-seconds",
+        type=float,
+        default=1.0,
+        help="more rounds (up to 1000) for cases whose rounds take less than this in total",
+    )
     parser.add_argument("--model-repeats", type=int, default=5)
     parser.add_argument("--matmul", type=int, default=1024)
     parser.add_argument("--cases", default="", help="comma-separated case names (default all)")

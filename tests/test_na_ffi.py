@@ -373,13 +373,15 @@ def test_handlers_reject_bad_buffers_and_tables():
         jax.block_until_ready(call(q, q, q, rpb, **ffi._attributes(geo, False)))
 
 
-# One case per forward path of the library: strips (2-D, float32 and float16), the
-# shared-window kernel (7x7 map, kernel 7), blocked (1-D), per-query (float64), and GQA.
+# One case per forward path of the library: strips (2-D float32 and float16, 1-D), the
+# shared-window kernel (7x7 map, kernel 7), per-query (1-D rows shorter than a strip: dilation
+# groups of 6 queries; float64), and GQA.
 _REPORT_CASES = [
     ((10, 12), 5, 1, "float32", 2, 2),
     ((10, 12), 3, 2, "float16", 2, 1),
     ((7, 7), 7, 1, "float32", 2, 2),
-    ((40,), 7, 1, "float32", 2, 2),
+    ((64,), 7, 1, "float32", 2, 2),  # tiles of 16 queries (16 units)
+    ((24,), 3, 4, "float32", 2, 2),
     ((6, 7), 3, 1, "float64", 2, 2),
     ((4, 5, 6), 3, 1, "float32", 4, 2),
 ]

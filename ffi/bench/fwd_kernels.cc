@@ -110,5 +110,9 @@ int main(int argc, char** argv) {
   run("per-query", [&](const Unit& u) { forward_unit<float, float>(g, args, u); });
   run("blocked", [&](const Unit& u) { forward_unit_blocked<float>(g, args, u); });
   run("strips", [&](const Unit& u) { forward_unit_strips<float>(g, args, u); });
+  // Whole-group windows (NAT's last stage, DiNAT at 7 x dilation): the dense micro-kernels.
+  bool shared = true;
+  for (int64_t u = 0; u < units; ++u) shared = shared && tile_shares_window(g, decode_unit(g, u));
+  if (shared) run("shared", [&](const Unit& u) { forward_unit_shared<float>(g, args, u); });
   return 0;
 }

@@ -45,11 +45,13 @@ constexpr int64_t kBlockHaloBytes = 32 * 1024;
 // The keys of `box` (non-finite elements read as 0, `Read::kInput`), transposed: feature c of
 // halo position p at kt[c * ld + p]. `ld` leaves 16 readable floats past the last position (the
 // micro-kernel's vectors may cross the end of a row: those lanes are masked) and is kept off
-// multiples of 1 KiB (L1 set aliasing between the feature rows).
+// multiples of 1 KiB (L1 set aliasing between the feature rows). `*seen` (when given) is set
+// if an element read is NaN or +-inf.
 template <typename T>
 const float* box_transposed(const Geometry& g, const T* src, int64_t b, int64_t head,
                             int64_t nheads, int64_t dim, const Range box[kAxes], int64_t* ld,
-                            std::vector<float>& pack) {
+                            std::vector<float>& pack, bool* seen = nullptr) {
+  uint32_t bad = 0;  // nonfinite_bits of what was read
   const int64_t vol = box_volume(box);
   int64_t l = pad_lanes(vol) + 16;
   if (l % 256 == 0) l += 8;
@@ -63,7 +65,11 @@ const float* box_transposed(const Geometry& g, const T* src, int64_t b, int64_t 
   auto flush = [&] {
     for (int64_t c = 0; c < dim; ++c) {
       float* d = pack.data() + c * l + p;
-      for (int64_t t = 0; t < n; ++t) d[t] = read_value<float>(rows[t][c], Read::kInput);
+      for (int64_t t = 0; t < n; ++t) {
+        const float y = to_float(rows[t][c]);
+        bad |= nonfinite_bits(y);
+        d[t] = finite_or_zero(y);
+      }
     }
     p += n;
     n = 0;
@@ -80,6 +86,7 @@ const float* box_transposed(const Geometry& g, const T* src, int64_t b, int64_t 
     }
   }
   flush();
+  if (seen) *seen |= top_bit(bad);
   return pack.data();
 }
 
@@ -241,7 +248,7 @@ template <typename T>
 void forward_block(const Geometry& g, const FwdArgs<T, float>& args, const View<float>& V,
                    const float* kt, int64_t ldt, const int64_t halo_s1, const int64_t halo_s0,
                    const float* bias, const Window* w, const int64_t* rows, int64_t nq,
-                   const Union& u, BlockScratch& s) {
+                   const Union& u, BlockScratch& s, bool* seen) {
   const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
   const int64_t W = u.width(), nrows = u.rows(), lds = u.slots();
   const int64_t n1 = u.hi[1] - u.lo[1], n2 = u.hi[2] - u.lo[2];
@@ -249,7 +256,7 @@ void forward_block(const Geometry& g, const FwdArgs<T, float>& args, const View<
   s.q.assign(kBlockQ * dl, 0.f);
   for (int64_t i = 0; i < nq; ++i)
     load_row(args.q + rows[i] * g.head_dim, g.head_dim, scale, s.q.data() + i * dl, dl,
-             Read::kInput);
+             Read::kInput, seen);
   // Vector offsets into kt (halo positions) of each union row's 8-key groups.
   const int64_t nv = W / 8;
   s.off.resize(nrows * nv);
@@ -316,8 +323,9 @@ void forward_block(const Geometry& g, const FwdArgs<T, float>& args, const View<
 
 
 // The forward of one work unit (batch, kv head, tile) by blocks; see the top of this file.
+// Returns whether it read a NaN/inf q, k or v element.
 template <typename T>
-void forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un) {
+bool forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un) {
   Scratch<float>& s = thread_scratch<float>();
   BlockScratch& bs = block_scratch();
   const int64_t group = g.group_size(), b = un.b, kvh = un.kvh;
@@ -328,10 +336,12 @@ void forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, cons
   // in L1; elsewhere the per-query kernel.
   if (qr[1].count < 2 || box_volume(kh) * g.head_dim * int64_t{sizeof(float)} > kBlockHaloBytes)
     return forward_unit<T, float>(g, args, un);
+  bool seen = false;
   const View<float> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
-                                 Read::kInput);
+                                 Read::kInput, &seen);
   int64_t ldt = 0;
-  const float* kt = box_transposed(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &ldt, bs.kt);
+  const float* kt =
+      box_transposed(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &ldt, bs.kt, &seen);
   const int64_t halo_s1 = kh[2].count, halo_s0 = kh[1].count * kh[2].count;
   // Row-major keys only for queries whose window alone exceeds kBlockSlots (packed on demand).
   View<float> K;
@@ -378,21 +388,23 @@ void forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, cons
       const int64_t nq = blk.nq;
       const Union u = window_union(w, nq);
       if (u.slots() <= kBlockSlots) {
-        forward_block(g, args, V, kt, ldt, halo_s1, halo_s0, bias, w, rows, nq, u, bs);
+        forward_block(g, args, V, kt, ldt, halo_s1, halo_s0, bias, w, rows, nq, u, bs, &seen);
         continue;
       }
       for (int64_t i = 0; i < nq; ++i) {
         const Union ui = window_union(&w[i], 1);
         if (ui.slots() <= kBlockSlots) {
           forward_block(g, args, V, kt, ldt, halo_s1, halo_s0, bias, &w[i], &rows[i], 1, ui,
-                        bs);
+                        bs, &seen);
           continue;
         }
         if (!have_k) {
-          K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k, Read::kInput);
+          K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k, Read::kInput,
+                       &seen);
           have_k = true;
         }
-        load_row(args.q + rows[i] * g.head_dim, g.head_dim, scale, s.rowq.data(), dl, Read::kInput);
+        load_row(args.q + rows[i] * g.head_dim, g.head_dim, scale, s.rowq.data(), dl, Read::kInput,
+                 &seen);
         forward_query(g, args, K, V, bias, w[i], rows[i], cap, s.rowq.data(), s.acc.data(),
                       s.logit.data(), s.p.data());
       }
@@ -400,6 +412,7 @@ void forward_unit_blocked(const Geometry& g, const FwdArgs<T, float>& args, cons
   }
   trim_scratch(s);
   if (bs.kt.capacity() * sizeof(float) > (size_t{8} << 20)) std::vector<float>().swap(bs.kt);
+  return seen;
 }
 
 #endif  // NATJAX_AVX2

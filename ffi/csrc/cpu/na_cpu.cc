@@ -187,9 +187,7 @@ std::string run_forward(const Geometry& g, const Scheduler& sched, ffi::AnyBuffe
   else
 #endif
     e = parallel_for(sched, units, [&](int64_t u) {
-      const Unit un = decode_unit(g, u);
-      forward_unit<T, A>(g, args, un);
-      bad[u] = unit_reads_nonfinite(g, args, un);
+      bad[u] = forward_unit<T, A>(g, args, decode_unit(g, u));
     });
   // seen[b, h]: any unit of (b, kv head of h) read a non-finite element.
   int32_t* flags = data<int32_t>(seen);

@@ -24,14 +24,16 @@
 // (`Read::kInput`), exactly what the op's NaN/inf confinement (natjax/ops/na/nonfinite.py)
 // computes on its zero-substituted inputs, so the wrapper skips its substituted copy of q, k, v
 // for this backend and only adds its fix-up. The cotangent d_out is read as it is (`kExact`).
-// The forward also reports, per (batch, head), whether it read such an element (the unit's
-// query rows and key halo, `unit_reads_nonfinite`, or while packing on the strip path): the
-// wrapper's predicate for the fix-up, instead of a pass of its own over q, k and v.
+// The forward also reports, per (batch, head), whether it read such an element (recorded by the
+// readers themselves, `box_view`, `load_row`, `box_transposed` and the strip packers, through
+// their `seen` argument: no second pass over the data): the wrapper's predicate for the fix-up,
+// instead of a pass of its own over q, k and v.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -111,6 +113,24 @@ inline A finite_or_zero(A x) {
   return std::fabs(x) <= std::numeric_limits<A>::max() ? x : A(0);
 }
 
+// The top bit of the result is set where x is NaN or +-inf (an all-ones exponent field plus one
+// carries into the sign bit). The readers OR it over what they load: an integer reduction, which
+// the compiler vectorises (a bool one it does not: the readers ran 1.3x slower with it).
+inline uint32_t nonfinite_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x7f800000u) + 0x00800000u;
+}
+inline uint64_t nonfinite_bits(double x) {
+  uint64_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x7ff0000000000000u) + 0x0010000000000000u;
+}
+template <typename U>
+inline bool top_bit(U u) {
+  return (u >> (8 * sizeof(U) - 1)) != 0;
+}
+
 // One element of an operand converted to the accumulation type, read as `how` says.
 template <typename A, typename T>
 inline A read_value(T x, Read how) {
@@ -121,10 +141,12 @@ inline A read_value(T x, Read how) {
 // The rows ([B, N, nheads, dim] layout) of `box`, packed into `pack` (converted, zero-padded
 // to `ld`): contiguous rows in a small buffer. Reading float32 inputs in place through strides
 // was measured 1.5x slower (rows 2*H*D bytes apart alias in L1), despite saving the copy.
+// `*seen` (when given) is set if an element read is NaN or +-inf.
 template <typename T, typename A>
 View<A> box_view(const Geometry& g, const T* src, int64_t b, int64_t head, int64_t nheads,
                  int64_t dim, const Range box[kAxes], int64_t ld, std::vector<A>& pack,
-                 Read how) {
+                 Read how, bool* seen = nullptr) {
+  decltype(nonfinite_bits(A{})) bad = 0;  // of what was read
   pack.resize(box_volume(box) * ld);
   A* d = pack.data();
   for (int64_t x0 = 0; x0 < box[0].count; ++x0) {
@@ -134,11 +156,16 @@ View<A> box_view(const Geometry& g, const T* src, int64_t b, int64_t head, int64
       for (int64_t x2 = 0; x2 < box[2].count; ++x2, d += ld) {
         const int64_t p2 = box[2].start + g.axis[2].dilation * x2;
         const T* s = src + ((b * g.tokens + g.flat(p0, p1, p2)) * nheads + head) * dim;
-        for (int64_t c = 0; c < dim; ++c) d[c] = read_value<A>(s[c], how);
+        for (int64_t c = 0; c < dim; ++c) {
+          const A y = static_cast<A>(to_float(s[c]));
+          bad |= nonfinite_bits(y);
+          d[c] = how == Read::kInput ? finite_or_zero(y) : y;
+        }
         for (int64_t c = dim; c < ld; ++c) d[c] = 0;
       }
     }
   }
+  if (seen) *seen |= top_bit(bad);
   View<A> v;
   v.base = pack.data();
   v.s2 = ld;
@@ -166,11 +193,19 @@ inline void prefetch_row(const T* p, int64_t dim) {
     __builtin_prefetch(reinterpret_cast<const char*>(p) + c);
 }
 
-// Loads one operand row, read as `how` says, multiplied by `scale`, zero-padded to `ld`.
+// Loads one operand row, read as `how` says, multiplied by `scale`, zero-padded to `ld`;
+// `*seen` (when given) is set if an element read is NaN or +-inf.
 template <typename T, typename A>
-void load_row(const T* src, int64_t dim, A scale, A* dst, int64_t ld, Read how) {
-  for (int64_t c = 0; c < dim; ++c) dst[c] = read_value<A>(src[c], how) * scale;
+void load_row(const T* src, int64_t dim, A scale, A* dst, int64_t ld, Read how,
+              bool* seen = nullptr) {
+  decltype(nonfinite_bits(A{})) bad = 0;
+  for (int64_t c = 0; c < dim; ++c) {
+    const A y = static_cast<A>(to_float(src[c]));
+    bad |= nonfinite_bits(y);
+    dst[c] = (how == Read::kInput ? finite_or_zero(y) : y) * scale;
+  }
   for (int64_t c = dim; c < ld; ++c) dst[c] = 0;
+  if (seen) *seen |= top_bit(bad);
 }
 
 // The bias of head h, with kLanes zeros on both sides: 8-lane loads that start up to 8 values
@@ -314,55 +349,20 @@ inline Unit decode_unit(const Geometry& g, int64_t unit) {
   return u;
 }
 
-// Whether one of the n values at p is NaN or +-inf (an OR of compares: vectorises).
-template <typename T>
-inline bool any_nonfinite(const T* p, int64_t n) {
-  using F = decltype(to_float(p[0]));
-  bool bad = false;
-  for (int64_t i = 0; i < n; ++i) bad |= !(std::fabs(to_float(p[i])) <= std::numeric_limits<F>::max());
-  return bad;
-}
-
-// Whether a row of `box` ([B, N, nheads, dim] layout, batch b) holds a non-finite element in
-// its `width` values from head `head0` on.
-template <typename T>
-bool box_reads_nonfinite(const Geometry& g, const T* src, int64_t b, int64_t nheads,
-                         int64_t head0, int64_t dim, int64_t width, const Range box[kAxes]) {
-  bool bad = false;
-  for (int64_t x0 = 0; x0 < box[0].count && !bad; ++x0)
-    for (int64_t x1 = 0; x1 < box[1].count; ++x1)
-      for (int64_t x2 = 0; x2 < box[2].count; ++x2) {
-        const int64_t flat = g.flat(box[0].start + g.axis[0].dilation * x0,
-                                    box[1].start + g.axis[1].dilation * x1,
-                                    box[2].start + g.axis[2].dilation * x2);
-        bad |= any_nonfinite(src + ((b * g.tokens + flat) * nheads + head0) * dim, width);
-      }
-  return bad;
-}
-
-// Whether a forward unit reads a non-finite q, k or v element: the rows of its queries (all
-// query heads of its kv head) or of its key halo (which holds every key its queries see).
+// The forward of one work unit, query by query (pairs of neighbouring queries share their key
+// loads). Returns whether it read a NaN/inf q, k or v element.
 template <typename T, typename A>
-bool unit_reads_nonfinite(const Geometry& g, const FwdArgs<T, A>& args, const Unit& un) {
-  const int64_t group = g.group_size();
-  return box_reads_nonfinite(g, args.q, un.b, g.heads, un.kvh * group, g.head_dim,
-                             group * g.head_dim, un.qr) ||
-         box_reads_nonfinite(g, args.k, un.b, g.kv_heads, un.kvh, g.head_dim, g.head_dim,
-                             un.kh) ||
-         box_reads_nonfinite(g, args.v, un.b, g.kv_heads, un.kvh, g.value_dim, g.value_dim,
-                             un.kh);
-}
-
-template <typename T, typename A>
-void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, const Unit& un) {
+bool forward_unit(const Geometry& g, const FwdArgs<T, A>& args, const Unit& un) {
   Scratch<A>& s = thread_scratch<A>();
   const int64_t group = g.group_size(), b = un.b, kvh = un.kvh;
   const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
   const Range* qr = un.qr;
   const Range* kh = un.kh;
-  const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k, Read::kInput);
+  bool seen = false;
+  const View<A> K =
+      box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k, Read::kInput, &seen);
   const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
-                             Read::kInput);
+                             Read::kInput, &seen);
   const int64_t cap = chunk_capacity(g);
   s.logit.resize(2 * cap);
   s.p.resize(2 * cap);
@@ -398,7 +398,7 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, const Unit& un) 
         return can_pair(wa, wb, &u0, &un);
       }();
       const int64_t row_a = row_of(t, h);
-      load_row(args.q + row_a * g.head_dim, g.head_dim, scale, qa, dl, Read::kInput);
+      load_row(args.q + row_a * g.head_dim, g.head_dim, scale, qa, dl, Read::kInput, &seen);
       std::fill(acc_a, acc_a + dvl, A(0));
       Softmax<A> sa, sb;
       if (!pair) {
@@ -408,7 +408,7 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, const Unit& un) 
       }
       const Window wb(g, order[t + 1].p, kh);
       const int64_t row_b = row_of(t + 1, h);
-      load_row(args.q + row_b * g.head_dim, g.head_dim, scale, qb, dl, Read::kInput);
+      load_row(args.q + row_b * g.head_dim, g.head_dim, scale, qb, dl, Read::kInput, &seen);
       std::fill(acc_b, acc_b + dvl, A(0));
       const int64_t off_a = wa.o[2] - u0, off_b = wb.o[2] - u0;
       const int64_t width = pad_lanes(un), per_chunk = std::max<int64_t>(1, cap / width);
@@ -437,6 +437,7 @@ void forward_unit(const Geometry& g, const FwdArgs<T, A>& args, const Unit& un) 
     }
   }
   trim_scratch(s);
+  return seen;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -336,9 +336,10 @@ void prefetch_box(const Geometry& g, const T* src, int64_t b, int64_t head, int6
 }
 
 // The forward of one work unit whose queries all see its key halo (tile_shares_window), with
-// at most kSharedMaxKeys keys whose transposed rows fit kBlockHaloBytes.
+// at most kSharedMaxKeys keys whose transposed rows fit kBlockHaloBytes. Returns whether it read
+// a NaN/inf q, k or v element.
 template <typename T>
-void forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un) {
+bool forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un) {
   const int64_t b = un.b, kvh = un.kvh;
   const Range* qr = un.qr;
   const Range* kh = un.kh;
@@ -351,10 +352,12 @@ void forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const
   prefetch_box(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh);
   prefetch_box(g, args.q, b, kvh * group, g.heads, g.head_dim, qr);
   // Rows of V packed densely, one after the other in window order (no gaps between rows).
+  bool seen = false;
   const View<float> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
-                                 Read::kInput);
+                                 Read::kInput, &seen);
   int64_t ldt = 0;
-  const float* kt = box_transposed(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &ldt, bs.kt);
+  const float* kt =
+      box_transposed(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &ldt, bs.kt, &seen);
   const float scale = static_cast<float>(g.scale);
   ss.s.resize(kSharedQ * shared_slots(nk));
   ss.acc.resize(kSharedQ * dvl);
@@ -373,7 +376,7 @@ void forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const
       const int64_t* i = s.order[t].p;
       ss.rows[t] = (b * g.tokens + g.flat(i[0], i[1], i[2])) * g.heads + h;
       load_row(args.q + ss.rows[t] * g.head_dim, g.head_dim, scale, ss.q.data() + t * dl, dl,
-               Read::kInput);
+               Read::kInput, &seen);
     }
     if (hh + 1 < group) prefetch_box(g, args.q, b, h + 1, g.heads, g.head_dim, qr);
     for (int64_t t = 0; t < nq; t += kSharedQ) {
@@ -399,6 +402,7 @@ void forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const
   }
   trim_scratch(s);
   if (bs.kt.capacity() * sizeof(float) > (size_t{8} << 20)) std::vector<float>().swap(bs.kt);
+  return seen;
 }
 
 #endif  // NATJAX_AVX2

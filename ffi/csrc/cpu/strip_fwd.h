@@ -441,8 +441,13 @@ inline void strip_load_q(const Geometry& g, const FwdArgs<T, float>& args, int64
   } else {
     for (int i = 0; i < N; ++i) {
       const T* q = q0 + std::min(i, nl - 1) * step * dim;
-      nonfinite |= any_nonfinite(q, dim);
-      for (int64_t c = 0; c < dim; ++c) qt[c * N + i] = read_value<float>(q[c], Read::kInput) * scale;
+      uint32_t bad = 0;
+      for (int64_t c = 0; c < dim; ++c) {
+        const float y = to_float(q[c]);
+        bad |= nonfinite_bits(y);
+        qt[c * N + i] = finite_or_zero(y) * scale;
+      }
+      nonfinite |= top_bit(bad);
     }
   }
 }
@@ -486,8 +491,7 @@ const float* strip_pack(const Geometry& g, const T* src, int64_t b, int64_t head
                         int64_t dim, const Range box[kAxes], int64_t* ld, std::vector<float>& pack,
                         bool& nonfinite) {
   if constexpr (!std::is_same_v<T, float>) {
-    nonfinite |= box_reads_nonfinite(g, src, b, nheads, head, dim, dim, box);
-    return box_transposed(g, src, b, head, nheads, dim, box, ld, pack);
+    return box_transposed(g, src, b, head, nheads, dim, box, ld, pack, &nonfinite);
   } else {
     typename L::M bad = L::no_bad();
     constexpr int N = L::N;
@@ -805,8 +809,9 @@ bool forward_unit_strips(const Geometry& g, const FwdArgs<T, float>& args, const
   return ss.nonfinite;
 }
 
-// The float32 forward of one work unit on AVX2: shared-window tiles by shared_fwd.h, tiles of
-// several rows by strips, 1-D tiles by block_fwd.h. The choice depends on shapes only (deterministic results).
+// The float32 forward of one work unit on AVX2: shared-window tiles by shared_fwd.h, other tiles
+// by strips, but for single rows shorter than one strip (block_fwd.h). The choice depends on
+// shapes only (deterministic results).
 // Returns whether the unit read a non-finite q, k or v element.
 template <typename T>
 bool forward_unit_avx2(const Geometry& g, const FwdArgs<T, float>& args, int64_t unit) {
@@ -814,17 +819,18 @@ bool forward_unit_avx2(const Geometry& g, const FwdArgs<T, float>& args, int64_t
   const int64_t nk = box_volume(un.kh);
   if (nk <= kSharedMaxKeys && nk * g.head_dim * int64_t{sizeof(float)} <= kBlockHaloBytes &&
       tile_shares_window(g, un)) {
-    forward_unit_shared<T>(g, args, un);
-    return unit_reads_nonfinite(g, args, un);
+    return forward_unit_shared<T>(g, args, un);
   }
-  // Strips need tile rows to share key loads (forward_strip_rows): measured 1.3-1.9x the
-  // per-query/blocked kernels on 2-D and 3-D tiles, 0.9x on 1-D maps (ffi/bench/fwd_kernels.cc).
-  // -DNATJAX_FFI_NO_STRIPS builds the previous choice, for benchmarks against it.
+  // Strips measured 1.3-1.9x the per-query/blocked kernels on 2-D and 3-D tiles, where tile
+  // rows share key loads (forward_strip_rows), and 1.1-2.0x on single rows (1-D maps: kernel 7
+  // to 31, head_dim 16 to 128, dilation 1 to 16) but 0.7x on rows shorter than a strip, where
+  // lanes idle (1-D 64 with dilation 8: groups of 8 queries, AVX-512; ffi/bench/fwd_kernels.cc,
+  // idle machine). -DNATJAX_FFI_NO_STRIPS builds the per-query/blocked choice, for benchmarks.
 #ifndef NATJAX_FFI_NO_STRIPS
-  if (un.qr[1].count >= 2) return forward_unit_strips<T>(g, args, un);
+  if (un.qr[1].count >= 2 || un.qr[2].count >= StripLanes::N)
+    return forward_unit_strips<T>(g, args, un);
 #endif
-  forward_unit_blocked<T>(g, args, un);
-  return unit_reads_nonfinite(g, args, un);
+  return forward_unit_blocked<T>(g, args, un);
 }
 
 #endif  // NATJAX_AVX2

@@ -10,7 +10,7 @@ import ctypes
 import functools
 from pathlib import Path
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 
 # Handler symbols exported by the CPU library (see csrc/cpu/na_cpu.cc).
 CPU_HANDLERS = {"natjax_na_fwd": "NatjaxNaFwdCpu", "natjax_na_bwd": "NatjaxNaBwdCpu"}
