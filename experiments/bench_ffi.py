@@ -13,7 +13,9 @@ One run measures, side by side:
     DiNAT-like dilated map, 1-D and 3-D cases and small maps (the dispatch question). Repeats are
     interleaved across implementations (each round times every implementation once), so a
     change of machine load hits them alike, and fast cases get more rounds (`--min-seconds`);
-    medians are reported, with the ratios
+    `ffi` is also timed alone, back to back (its pool's threads then stay awake: on a VM whose
+    idle cores take milliseconds to wake, ffi/bench/wake_latency.cc, a call after another
+    implementation's can run mostly on its calling thread); medians are reported, with the ratios
     xla / ffi and best(xla, dense) / ffi, and ffi's achieved GFLOP/s: useful arithmetic over
     the neighborhoods (forward `2*(D + Dv)` flops per query-key pair, backward
     `6*D + 4*Dv`: recompute q.k, dO.v, and dq, dk, dv) against the matmul rate;
@@ -137,6 +139,10 @@ def bench_na(args, peak: float) -> list[dict]:
                                        args.repeats, args.min_seconds)  # fmt: skip
             for impl, sec in med.items():
                 row[f"{impl}_{what}_ms"] = sec * 1e3
+            if "ffi" in fns:  # back to back: the pool's threads stay awake between calls
+                alone = _interleaved_medians({"ffi": fns["ffi"][idx]}, (q, k, v, rpb),
+                                             args.repeats, args.min_seconds)  # fmt: skip
+                row[f"ffi_{what}_alone_ms"] = alone["ffi"] * 1e3
         pairs = args.batch * heads * _pairs(spatial, kernel, dilation)
         flops = {"fwd": pairs * 4 * dim, "fwd+bwd": pairs * 14 * dim}
         for what in ("fwd", "fwd+bwd"):
@@ -153,6 +159,8 @@ def _format(r: dict) -> str:
     for what in ("fwd", "fwd+bwd"):
         times = {i: r[f"{i}_{what}_ms"] for i in IMPLS if f"{i}_{what}_ms" in r}
         out.append(f"{what}: " + " ".join(f"{i} {t:8.2f}" for i, t in times.items()) + " ms")
+        if f"ffi_{what}_alone_ms" in r:
+            out[-1] += f" (ffi alone {r[f'ffi_{what}_alone_ms']:.2f})"
         if "ffi" in times:
             others = [t for i, t in times.items() if i != "ffi"]
             if "xla" in times:

@@ -113,6 +113,9 @@ int main(int argc, char** argv) {
   // Whole-group windows (NAT's last stage, DiNAT at 7 x dilation): the dense micro-kernels.
   bool shared = true;
   for (int64_t u = 0; u < units; ++u) shared = shared && tile_shares_window(g, decode_unit(g, u));
-  if (shared) run("shared", [&](const Unit& u) { forward_unit_shared<float>(g, args, u); });
+  if (shared) {
+    run("shared", [&](const Unit& u) { forward_unit_shared<float>(g, args, u); });
+    run("shared+sp", [&](const Unit& u) { forward_unit_shared<float>(g, args, u, StripPackKeys{}); });
+  }
   return 0;
 }

@@ -165,14 +165,30 @@ inline __m512 exp512(__m512 x) {
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), p);
 }
 
+// The max / sum of 16 lanes by halving: 4 dependent steps instead of a chain of 15 scalar ones
+// (which took ~10% of shared_block's time). Not _mm512_reduce_*: GCC 12 warns as above.
+template <int Half>
+inline __m256 half(__m512 v) {
+  return _mm256_castpd_ps(_mm512_maskz_extractf64x4_pd(0xFF, _mm512_castps_pd(v), Half));
+}
+inline float hmax16(__m512 v) {
+  const __m256 a = _mm256_max_ps(half<0>(v), half<1>(v));
+  const __m128 b = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_max_ss(c, _mm_movehdup_ps(c)));
+}
+inline float hsum16(__m512 v) {
+  const __m256 a = _mm256_add_ps(half<0>(v), half<1>(v));
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+}
+
 // In place: s[0 : n] = exp(s - max(s)) (n a multiple of 16); *m = the max; returns the sum.
 inline float shared_softmax_row(float* s, int64_t n, float* m) {
   __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += 16) mv = max512(mv, _mm512_loadu_ps(s + j));
-  alignas(64) float lanes[16];  // (not _mm512_reduce_*: GCC 12 warns as above)
-  _mm512_store_ps(lanes, mv);
-  *m = lanes[0];
-  for (int k = 1; k < 16; ++k) *m = std::max(*m, lanes[k]);
+  *m = hmax16(mv);
   const __m512 sub = _mm512_set1_ps(*m);
   __m512 total = _mm512_setzero_ps();
   for (int64_t j = 0; j < n; j += 16) {
@@ -180,10 +196,7 @@ inline float shared_softmax_row(float* s, int64_t n, float* m) {
     _mm512_storeu_ps(s + j, e);
     total = _mm512_add_ps(total, e);
   }
-  _mm512_store_ps(lanes, total);
-  float sum = 0;
-  for (int k = 0; k < 16; ++k) sum += lanes[k];
-  return sum;
+  return hsum16(total);
 }
 
 #else  // AVX2
@@ -281,6 +294,20 @@ inline SharedScratch& shared_scratch() {
   return s;
 }
 
+// d[0 : n] = s[0 : n] for a short run (a window row of the bias): one masked load and store
+// where it fits a vector (the per-element copy with a division per row, before, took a third of
+// shared_block's time on 7x7 maps: perf annotate of ffi/bench/fwd_kernels.cc).
+inline void copy_run(const float* s, int64_t n, float* d) {
+#if defined(__AVX512F__)
+  if (n <= 16) {
+    const __mmask16 m = static_cast<__mmask16>((1u << n) - 1);
+    _mm512_mask_storeu_ps(d, m, _mm512_maskz_loadu_ps(m, s));
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) d[j] = s[j];
+}
+
 // One block of NQ <= kSharedQ queries (rows[i], windows w[i], scaled q rows at q + i * dl)
 // over the shared window.
 template <typename T, int NQ>
@@ -294,10 +321,9 @@ void shared_block(const Geometry& g, const FwdArgs<T, float>& args, const float*
     // The logits start as the query's bias over the window (its rows are runs of n2 values).
     float* si = s.s.data() + i * lds;
     if (g.has_rpb) {
-      for (int64_t r = 0; r < w[i].rows(); ++r) {
-        const float* br = bias + w[i].bias_row(r / n1, r % n1);
-        for (int64_t x2 = 0; x2 < n2; ++x2) si[r * n2 + x2] = br[x2];  // short: no memmove
-      }
+      float* d = si;
+      for (int64_t x0 = 0; x0 < w[i].c[0]; ++x0)
+        for (int64_t x1 = 0; x1 < n1; ++x1, d += n2) copy_run(bias + w[i].bias_row(x0, x1), n2, d);
     } else {
       std::fill(si, si + nk, 0.f);
     }
@@ -335,11 +361,23 @@ void prefetch_box(const Geometry& g, const T* src, int64_t b, int64_t head, int6
       }
 }
 
+// Packs a unit's keys transposed, in box_transposed's layout (`seen` as there). strip_fwd.h
+// passes its packer instead, which transposes in registers.
+struct TransposeKeys {
+  template <typename T>
+  const float* operator()(const Geometry& g, const T* src, int64_t b, int64_t head,
+                          int64_t nheads, int64_t dim, const Range box[kAxes], int64_t* ld,
+                          std::vector<float>& pack, bool& seen) const {
+    return box_transposed(g, src, b, head, nheads, dim, box, ld, pack, &seen);
+  }
+};
+
 // The forward of one work unit whose queries all see its key halo (tile_shares_window), with
 // at most kSharedMaxKeys keys whose transposed rows fit kBlockHaloBytes. Returns whether it read
 // a NaN/inf q, k or v element.
-template <typename T>
-bool forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un) {
+template <typename T, class PackKeys = TransposeKeys>
+bool forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un,
+                         const PackKeys& pack_keys = {}) {
   const int64_t b = un.b, kvh = un.kvh;
   const Range* qr = un.qr;
   const Range* kh = un.kh;
@@ -356,8 +394,7 @@ bool forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const
   const View<float> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
                                  Read::kInput, &seen);
   int64_t ldt = 0;
-  const float* kt =
-      box_transposed(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &ldt, bs.kt, &seen);
+  const float* kt = pack_keys(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, &ldt, bs.kt, seen);
   const float scale = static_cast<float>(g.scale);
   ss.s.resize(kSharedQ * shared_slots(nk));
   ss.acc.resize(kSharedQ * dvl);

@@ -809,6 +809,17 @@ bool forward_unit_strips(const Geometry& g, const FwdArgs<T, float>& args, const
   return ss.nonfinite;
 }
 
+// strip_pack as forward_unit_shared's key packer (register transposes: the scalar
+// box_transposed took 16% of the shared-window kernel's time on 7x7 maps).
+struct StripPackKeys {
+  template <typename T>
+  const float* operator()(const Geometry& g, const T* src, int64_t b, int64_t head,
+                          int64_t nheads, int64_t dim, const Range box[kAxes], int64_t* ld,
+                          std::vector<float>& pack, bool& seen) const {
+    return strip_pack<StripLanes, T>(g, src, b, head, nheads, dim, box, ld, pack, seen);
+  }
+};
+
 // The float32 forward of one work unit on AVX2: shared-window tiles by shared_fwd.h, other tiles
 // by strips, but for single rows shorter than one strip (block_fwd.h). The choice depends on
 // shapes only (deterministic results).
@@ -819,7 +830,7 @@ bool forward_unit_avx2(const Geometry& g, const FwdArgs<T, float>& args, int64_t
   const int64_t nk = box_volume(un.kh);
   if (nk <= kSharedMaxKeys && nk * g.head_dim * int64_t{sizeof(float)} <= kBlockHaloBytes &&
       tile_shares_window(g, un)) {
-    return forward_unit_shared<T>(g, args, un);
+    return forward_unit_shared<T>(g, args, un, StripPackKeys{});
   }
   // Strips measured 1.3-1.9x the per-query/blocked kernels on 2-D and 3-D tiles, where tile
   // rows share key loads (forward_strip_rows), and 1.1-2.0x on single rows (1-D maps: kernel 7
