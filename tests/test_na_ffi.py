@@ -167,6 +167,36 @@ def test_shared_window_forward_matches_dense(spatial, kernel, dilation, heads, k
 
 
 @pytest.mark.parametrize(
+    "spatial,kernel,dilation,batch,heads,kv_heads,dim,value_dim,dtype,bias",
+    [
+        ((7, 7), 7, 1, 4, 4, 4, 32, 32, jnp.float32, True),  # NAT stage 4: 6 x 8 + 1 queries
+        ((14, 14), 7, 2, 8, 4, 2, 16, 24, jnp.float32, False),  # 7x7 dilation groups, GQA
+        ((8, 8), 8, 1, 8, 2, 2, 8, 40, jnp.bfloat16, True),  # even kernel over the map, Dv > D
+        ((9,), 9, 1, 16, 3, 1, 8, 8, jnp.float16, True),  # 1-D, MQA
+        ((3, 4, 5), (3, 4, 5), 1, 8, 2, 2, 8, 24, jnp.float32, True),
+    ],
+)
+def test_shared_window_backward_matches_dense(spatial, kernel, dilation, batch, heads, kv_heads,
+                                              dim, value_dim, dtype, bias):  # fmt: skip
+    """The one-pass backward's shared-window tiles (shared_bwd.h; batch x kv heads >= 16 picks
+    the one-pass backward): gradients and the d_lse path, every block height, bias or not."""
+    rng = np.random.default_rng(sum(spatial) + dim + 1)
+    params = make_params(len(spatial), spatial, dim, kernel, dilation, False, None)
+    assert batch * kv_heads >= 16
+    f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)  # noqa: E731
+    q, k = f(batch, *spatial, heads, dim), f(batch, *spatial, kv_heads, dim)
+    v, d_out = f(batch, *spatial, kv_heads, value_dim), f(batch, *spatial, heads, value_dim)
+    rpb = (jnp.asarray(rng.standard_normal((heads, *params.rpb_shape_tail)), jnp.float32)
+           if bias else None)  # fmt: skip
+    got = _value_and_grads(lambda *a: ffi.na_ffi(*a, params), q, k, v, rpb, d_out)
+    f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
+    want = _value_and_grads(lambda *a: _dense(*a, params), *map(f32, (q, k, v, rpb, d_out)))
+    rtol, atol = {jnp.float32: (2e-5, 2e-5), jnp.float16: (5e-3, 5e-3)}.get(dtype, (3e-2, 3e-2))
+    for name, g, w in zip(_NAMES, got, want, strict=False):
+        assert_close(g, w, rtol, atol, name)
+
+
+@pytest.mark.parametrize(
     "spatial,kernel,dilation,causal,stride,heads,kv_heads",
     [
         ((13,), 5, 1, False, 2, 2, 2),

@@ -21,6 +21,7 @@
 #include "block_fwd.h"
 #include "na_kernels.h"
 #include "parallel.h"
+#include "shared_bwd.h"
 #include "shared_fwd.h"
 #include "strip_fwd.h"
 #include "xla/ffi/api/ffi.h"
@@ -274,7 +275,13 @@ std::string run_backward(const Geometry& g, const Scheduler& sched, ffi::AnyBuff
                      partial.data(),       tpu};
   std::string e;
   if (fused) {
-    e = parallel_for(sched, dq_units, [&](int64_t u) { bwd_fused_unit<T, A>(g, args, u); });
+#if NATJAX_AVX2
+    if constexpr (std::is_same_v<A, float>)  // tiles sharing one window: shared_bwd.h
+      e = parallel_for(sched, dq_units,
+                       [&](int64_t u) { bwd_fused_unit<T, A>(g, args, u, SharedBwdTile{}); });
+    else
+#endif
+      e = parallel_for(sched, dq_units, [&](int64_t u) { bwd_fused_unit<T, A>(g, args, u); });
   } else {
     e = parallel_for(sched, dq_units, [&](int64_t u) { dq_unit<T, A>(g, args, u); });
     if (!e.empty()) return e;

@@ -663,10 +663,21 @@ void dkv_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
 // Backward in one pass, when one unit owns a whole (batch, kv head) slice: ds is computed once
 // per pair and dk/dv are scattered into the unit's own float32 accumulators (no other unit
 // touches them: still no atomics, and a fixed order). About 30% less work than dq + dk/dv.
+// `tile_fn` may take a tile over (shared_bwd.h: tiles whose queries share one window); it
+// returns false for the tiles it leaves to the per-query code here.
 // ---------------------------------------------------------------------------------------------
 
-template <typename T, typename A>
-void bwd_fused_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) {
+struct NoTileKernel {
+  template <typename T, typename A>
+  bool operator()(const Geometry&, const BwdArgs<T, A>&, int64_t, int64_t, const Range*,
+                  const Range*, const View<A>&, const View<A>&, A*) const {
+    return false;
+  }
+};
+
+template <typename T, typename A, class TileFn = NoTileKernel>
+void bwd_fused_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit,
+                    const TileFn& tile_fn = {}) {
   Scratch<A>& s = thread_scratch<A>();
   const int64_t ntiles = g.num_tiles(), group = g.group_size();
   const int64_t kvh = unit % g.kv_heads, b = unit / g.kv_heads;
@@ -693,10 +704,6 @@ void bwd_fused_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) 
     Range qr[kAxes], kh[kAxes];
     g.tile_ranges(tile, qr);
     for (int a = 0; a < kAxes; ++a) kh[a] = g.key_halo(a, qr[a]);
-    const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k,
-                               Read::kInput);
-    const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
-                               Read::kInput);
     // The accumulators, seen through the halo's coordinates (rows `dl` apart per position).
     const int64_t origin = g.flat(kh[0].start, kh[1].start, kh[2].start);
     View<A> DK, DV;
@@ -708,6 +715,11 @@ void bwd_fused_unit(const Geometry& g, const BwdArgs<T, A>& args, int64_t unit) 
     DV.s2 = g.axis[2].dilation * dvl;
     DV.s1 = g.axis[1].dilation * L2 * dvl;
     DV.s0 = g.axis[0].dilation * L1 * L2 * dvl;
+    if (tile_fn(g, args, b, kvh, qr, kh, DK, DV, partial)) continue;
+    const View<A> K = box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k,
+                               Read::kInput);
+    const View<A> V = box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v,
+                               Read::kInput);
     box_positions(g, qr, s.order);
     const std::vector<Position>& order = s.order;
     for (int64_t hh = 0; hh < group; ++hh) {
