@@ -112,7 +112,13 @@ int main(int argc, char** argv) {
   run("strips", [&](const Unit& u) { forward_unit_strips<float>(g, args, u); });
   // Whole-group windows (NAT's last stage, DiNAT at 7 x dilation): the dense micro-kernels.
   bool shared = true;
-  for (int64_t u = 0; u < units; ++u) shared = shared && tile_shares_window(g, decode_unit(g, u));
+  for (int64_t u = 0; u < units; ++u) {  // forward_unit_avx2's condition for this kernel
+    const Unit un = decode_unit(g, u);
+    const int64_t nk = box_volume(un.kh);
+    shared = shared && nk <= kSharedMaxKeys &&
+             nk * g.head_dim * int64_t{sizeof(float)} <= kBlockHaloBytes &&
+             tile_shares_window(g, un);
+  }
   if (shared) {
     run("shared", [&](const Unit& u) { forward_unit_shared<float>(g, args, u); });
     run("shared+sp", [&](const Unit& u) { forward_unit_shared<float>(g, args, u, StripPackKeys{}); });

@@ -208,11 +208,16 @@ void load_row(const T* src, int64_t dim, A scale, A* dst, int64_t ld, Read how,
   if (seen) *seen |= top_bit(bad);
 }
 
-// The bias of head h, with kLanes zeros on both sides: 8-lane loads that start up to 8 values
-// before a row or end up to 8 after it stay inside the buffer (those lanes are masked).
+// Zeros after the bias in padded_bias's buffer: the strip kernel's unmasked 16-lane (AVX-512)
+// bias loads end up to 15 values after a row (their extra lanes are permuted away).
+constexpr int64_t kBiasPadAfter = 16;
+
+// The bias of head h, with kLanes zeros before it and kBiasPadAfter after: 8-lane loads that
+// start up to 8 values before a row, and 8- or 16-lane loads that end after it, stay inside the
+// buffer (those lanes are masked or discarded).
 template <typename A>
 const A* padded_bias(const Geometry& g, const A* rpb, int64_t h, std::vector<A>& buf) {
-  buf.assign(g.rpb_volume + 2 * kLanes, A(0));
+  buf.assign(kLanes + g.rpb_volume + kBiasPadAfter, A(0));
   if (g.has_rpb)
     std::copy(rpb + h * g.rpb_volume, rpb + (h + 1) * g.rpb_volume, buf.begin() + kLanes);
   return buf.data() + kLanes;

@@ -30,7 +30,7 @@ namespace natjax {
 
 // Scratch of the shared-window backward (per thread, reused across calls).
 struct SharedBwdScratch {
-  std::vector<float> k, v, kt, vt;  // key/value rows and their transposes (halo order)
+  std::vector<float> k, kt, vt;  // key rows, keys and values transposed (halo order)
   std::vector<float> q, d;          // the head's scaled q rows and dO rows (tile order)
   std::vector<float> delta, lse;    // per query
   std::vector<float> p, ds;         // [queries][slots]
@@ -124,7 +124,6 @@ bool bwd_shared_tile(const Geometry& g, const BwdArgs<T, float>& args, int64_t b
   const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
   const int64_t group = g.group_size(), lds = shared_slots(nk);
   box_view(g, args.k, b, kvh, g.kv_heads, g.head_dim, kh, dl, s.k, Read::kInput);
-  box_view(g, args.v, b, kvh, g.kv_heads, g.value_dim, kh, dvl, s.v, Read::kInput);
   bool seen = false;  // (the forward reported non-finite reads already)
   int64_t ldk = 0, ldv = 0;
   const float* kt =
@@ -210,6 +209,9 @@ bool bwd_shared_tile(const Geometry& g, const BwdArgs<T, float>& args, int64_t b
         for (int64_t c = 0; c < g.head_dim; ++c) dk[c] += s.dk[p * dl + c];
         for (int64_t c = 0; c < g.value_dim; ++c) dv[c] += s.dv[p * dvl + c];
       }
+  // Large tiles' buffers are not kept for the thread's next call (as trim_scratch does).
+  for (auto* buf : {&s.p, &s.ds, &s.pt, &s.dst})
+    if (buf->capacity() * sizeof(float) > (size_t{8} << 20)) std::vector<float>().swap(*buf);
   return true;
 }
 
