@@ -49,12 +49,30 @@ _CASES = [
 ]
 
 
+def _compile_harness(exe: Path, *flags: str) -> subprocess.CompletedProcess:
+    """Builds ffi/bench/fwd_kernels.cc into `exe` with these compiler flags."""
+    cmd = ["g++", *flags, "-std=c++17", "-I", str(_FFI / "csrc"),
+           str(_FFI / "bench" / "fwd_kernels.cc"), "-o", str(exe)]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def _max_diffs(stdout: str) -> dict[str, str]:
+    """The harness's max |difference| to the per-query kernel, per kernel it ran."""
+    return dict(re.findall(r"^(\S+)\s+[\d.]+ ms.*max\|diff\| (\S+)$", stdout, re.M))
+
+
+def _assert_agree(diffs: dict[str, str]) -> None:
+    for name, diff in diffs.items():
+        # Outputs are O(1) (softmax averages of unit normals): float32 rounding of different
+        # summation orders is ~1e-6.
+        assert float(diff) <= 2e-5, f"{name}: max |diff| {diff} to the per-query kernel"
+
+
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory) -> Path:
     exe = tmp_path_factory.mktemp("avx2") / "fwd_kernels"
-    cmd = ["g++", "-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-I", str(_FFI / "csrc"),
-           str(_FFI / "bench" / "fwd_kernels.cc"), "-o", str(exe)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    built = _compile_harness(exe, "-O3", "-mavx2", "-mfma", "-mf16c")
+    assert built.returncode == 0, built.stderr
     return exe
 
 
@@ -63,12 +81,9 @@ def test_avx2_forward_kernels_match_per_query(harness, case):
     run = subprocess.run(
         [str(harness), *map(str, case), "1"], check=True, capture_output=True, text=True
     )
-    diffs = dict(re.findall(r"^(\S+)\s+[\d.]+ ms.*max\|diff\| (\S+)$", run.stdout, re.M))
+    diffs = _max_diffs(run.stdout)
     assert set(diffs) == {"per-query", "blocked", "strips"}, run.stdout
-    for name, diff in diffs.items():
-        # Outputs are O(1) (softmax averages of unit normals): float32 rounding of different
-        # summation orders is ~1e-6.
-        assert float(diff) <= 2e-5, f"{name}: max |diff| {diff} to the per-query kernel"
+    _assert_agree(diffs)
 
 
 # Under AddressSanitizer, with this machine's widest vectors (-march=native: the 16-lane AVX-512
@@ -87,10 +102,9 @@ _ASAN_CASES = [
 @pytest.fixture(scope="module")
 def asan_harness(tmp_path_factory) -> Path:
     exe = tmp_path_factory.mktemp("asan") / "fwd_kernels"
-    cmd = ["g++", "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-march=native",
-           "-std=c++17", "-I", str(_FFI / "csrc"), str(_FFI / "bench" / "fwd_kernels.cc"),
-           "-o", str(exe)]  # fmt: skip
-    built = subprocess.run(cmd, capture_output=True, text=True)
+    built = _compile_harness(
+        exe, "-O1", "-g", "-fsanitize=address", "-fno-omit-frame-pointer", "-march=native"
+    )
     if built.returncode != 0 and "asan" in built.stderr.lower():
         pytest.skip(f"no AddressSanitizer runtime: {built.stderr[-300:]}")
     assert built.returncode == 0, built.stderr
@@ -101,7 +115,6 @@ def asan_harness(tmp_path_factory) -> Path:
 def test_forward_kernels_under_address_sanitizer(asan_harness, case):
     run = subprocess.run([str(asan_harness), *map(str, case), "1"], capture_output=True, text=True)
     assert run.returncode == 0 and "AddressSanitizer" not in run.stderr, run.stderr[-3000:]
-    diffs = dict(re.findall(r"^(\S+)\s+[\d.]+ ms.*max\|diff\| (\S+)$", run.stdout, re.M))
+    diffs = _max_diffs(run.stdout)
     assert {"per-query", "blocked", "strips"} <= set(diffs), run.stdout
-    for name, diff in diffs.items():
-        assert float(diff) <= 2e-5, f"{name}: max |diff| {diff} to the per-query kernel"
+    _assert_agree(diffs)

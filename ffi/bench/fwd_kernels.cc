@@ -119,9 +119,6 @@ int main(int argc, char** argv) {
              nk * g.head_dim * int64_t{sizeof(float)} <= kBlockHaloBytes &&
              tile_shares_window(g, un);
   }
-  if (shared) {
-    run("shared", [&](const Unit& u) { forward_unit_shared<float>(g, args, u); });
-    run("shared+sp", [&](const Unit& u) { forward_unit_shared<float>(g, args, u, StripPackKeys{}); });
-  }
+  if (shared) run("shared", [&](const Unit& u) { forward_unit_shared<float>(g, args, u, StripPackKeys{}); });
   return 0;
 }

@@ -45,24 +45,6 @@ inline SharedBwdScratch& shared_bwd_scratch() {
   return s;
 }
 
-// Calls f(std::integral_constant<int, NQ>) with NQ = n (1 <= n <= kSharedQ): the micro-kernels
-// take their block height as a template argument.
-template <class F>
-inline void with_block_height(int64_t n, F&& f) {
-  switch (n) {
-#if defined(__AVX512F__)
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 7: f(std::integral_constant<int, 7>{}); break;
-#endif
-    case 6: f(std::integral_constant<int, 6>{}); break;
-    case 5: f(std::integral_constant<int, 5>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    default: f(std::integral_constant<int, 1>{}); break;
-  }
-}
-
 // Queries [t, t + NQ) of the head: their P and dS rows (`lds` slots, zero past the window) and
 // their dq rows.
 template <typename T, int NQ>
@@ -70,22 +52,11 @@ void shared_bwd_block(const Geometry& g, const BwdArgs<T, float>& args, int64_t 
                       int64_t lds, const float* bias, const float* kt, int64_t ldk,
                       const float* vt, int64_t ldv, SharedBwdScratch& s) {
   const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
-  const Window* w = s.windows.data() + t;
-  const int64_t n1 = w[0].c[1], n2 = w[0].c[2];
   float* P = s.p.data() + t * lds;
   float* DS = s.ds.data() + t * lds;
-  for (int i = 0; i < NQ; ++i) {
-    float* si = P + i * lds;  // starts as the query's bias over the window, as in the forward
-    if (g.has_rpb) {
-      float* d = si;
-      for (int64_t x0 = 0; x0 < w[i].c[0]; ++x0)
-        for (int64_t x1 = 0; x1 < n1; ++x1, d += n2) copy_run(bias + w[i].bias_row(x0, x1), n2, d);
-    } else {
-      std::fill(si, si + nk, 0.f);
-    }
-    std::fill(si + nk, si + lds, -std::numeric_limits<float>::infinity());
-    std::fill(DS + i * lds, DS + (i + 1) * lds, 0.f);
-  }
+  for (int i = 0; i < NQ; ++i)
+    start_shared_logits(g, bias, s.windows[t + i], nk, lds, P + i * lds);
+  std::fill(DS, DS + NQ * lds, 0.f);
   shared_qk<NQ>(s.q.data() + t * dl, dl, g.head_dim, kt, ldk, lds / kSharedLanes, P, lds);
   shared_qk<NQ>(s.d.data() + t * dvl, dvl, g.value_dim, vt, ldv, lds / kSharedLanes, DS, lds);
   for (int i = 0; i < NQ; ++i) {

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "block_fwd.h"
@@ -308,6 +309,39 @@ inline void copy_run(const float* s, int64_t n, float* d) {
   for (int64_t j = 0; j < n; ++j) d[j] = s[j];
 }
 
+// s[0 : lds] = the logits' starting values for a query whose window is the shared one: its bias
+// over the window (rows of w.c[2] values; 0 without a bias), -inf in the slots past the nk keys.
+inline void start_shared_logits(const Geometry& g, const float* bias, const Window& w,
+                                int64_t nk, int64_t lds, float* s) {
+  if (g.has_rpb) {
+    float* d = s;
+    for (int64_t x0 = 0; x0 < w.c[0]; ++x0)
+      for (int64_t x1 = 0; x1 < w.c[1]; ++x1, d += w.c[2])
+        copy_run(bias + w.bias_row(x0, x1), w.c[2], d);
+  } else {
+    std::fill(s, s + nk, 0.f);
+  }
+  std::fill(s + nk, s + lds, -std::numeric_limits<float>::infinity());
+}
+
+// Calls f(std::integral_constant<int, NQ>) with NQ = n (1 <= n <= kSharedQ): the micro-kernels
+// take their block height as a template argument.
+template <class F>
+inline void with_block_height(int64_t n, F&& f) {
+  switch (n) {
+#if defined(__AVX512F__)
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+#endif
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    default: f(std::integral_constant<int, 1>{}); break;
+  }
+}
+
 // One block of NQ <= kSharedQ queries (rows[i], windows w[i], scaled q rows at q + i * dl)
 // over the shared window.
 template <typename T, int NQ>
@@ -315,20 +349,8 @@ void shared_block(const Geometry& g, const FwdArgs<T, float>& args, const float*
                   const View<float>& V, int64_t nk, const float* bias, const Window* w,
                   const int64_t* rows, const float* q, SharedScratch& s) {
   const int64_t dl = pad_lanes(g.head_dim), dvl = pad_lanes(g.value_dim);
-  const int64_t lds = shared_slots(nk), n1 = w[0].c[1], n2 = w[0].c[2];
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int i = 0; i < NQ; ++i) {
-    // The logits start as the query's bias over the window (its rows are runs of n2 values).
-    float* si = s.s.data() + i * lds;
-    if (g.has_rpb) {
-      float* d = si;
-      for (int64_t x0 = 0; x0 < w[i].c[0]; ++x0)
-        for (int64_t x1 = 0; x1 < n1; ++x1, d += n2) copy_run(bias + w[i].bias_row(x0, x1), n2, d);
-    } else {
-      std::fill(si, si + nk, 0.f);
-    }
-    std::fill(si + nk, si + lds, neg_inf);
-  }
+  const int64_t lds = shared_slots(nk);
+  for (int i = 0; i < NQ; ++i) start_shared_logits(g, bias, w[i], nk, lds, s.s.data() + i * lds);
   shared_qk<NQ>(q, dl, g.head_dim, kt, ldt, lds / kSharedLanes, s.s.data(), lds);
   float m[NQ], l[NQ];
   for (int i = 0; i < NQ; ++i) {
@@ -361,23 +383,14 @@ void prefetch_box(const Geometry& g, const T* src, int64_t b, int64_t head, int6
       }
 }
 
-// Packs a unit's keys transposed, in box_transposed's layout (`seen` as there). strip_fwd.h
-// passes its packer instead, which transposes in registers.
-struct TransposeKeys {
-  template <typename T>
-  const float* operator()(const Geometry& g, const T* src, int64_t b, int64_t head,
-                          int64_t nheads, int64_t dim, const Range box[kAxes], int64_t* ld,
-                          std::vector<float>& pack, bool& seen) const {
-    return box_transposed(g, src, b, head, nheads, dim, box, ld, pack, &seen);
-  }
-};
-
 // The forward of one work unit whose queries all see its key halo (tile_shares_window), with
 // at most kSharedMaxKeys keys whose transposed rows fit kBlockHaloBytes. Returns whether it read
-// a NaN/inf q, k or v element.
-template <typename T, class PackKeys = TransposeKeys>
+// a NaN/inf q, k or v element. `pack_keys` packs the keys transposed, in box_transposed's layout,
+// recording non-finite reads in its last argument (strip_fwd.h's StripPackKeys: register
+// transposes, measured faster than box_transposed's scalar ones).
+template <typename T, class PackKeys>
 bool forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const Unit& un,
-                         const PackKeys& pack_keys = {}) {
+                         const PackKeys& pack_keys) {
   const int64_t b = un.b, kvh = un.kvh;
   const Range* qr = un.qr;
   const Range* kh = un.kh;
@@ -423,18 +436,9 @@ bool forward_unit_shared(const Geometry& g, const FwdArgs<T, float>& args, const
       // The next block's out rows: its stores would otherwise wait for the lines.
       for (int64_t u = t + kSharedQ; u < std::min(nq, t + 2 * kSharedQ); ++u)
         prefetch_row(args.out + ss.rows[u] * g.value_dim, g.value_dim);
-      switch (std::min<int64_t>(kSharedQ, nq - t)) {
-#if defined(__AVX512F__)
-        case 8: shared_block<T, 8>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss); break;
-        case 7: shared_block<T, 7>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss); break;
-#endif
-        case 6: shared_block<T, 6>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss); break;
-        case 5: shared_block<T, 5>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss); break;
-        case 4: shared_block<T, 4>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss); break;
-        case 3: shared_block<T, 3>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss); break;
-        case 2: shared_block<T, 2>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss); break;
-        default: shared_block<T, 1>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss); break;
-      }
+      with_block_height(std::min<int64_t>(kSharedQ, nq - t), [&](auto nq_block) {
+        shared_block<T, decltype(nq_block)::value>(g, args, kt, ldt, V, nk, bias, w, rows, q, ss);
+      });
     }
   }
   trim_scratch(s);
